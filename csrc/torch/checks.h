@@ -2,9 +2,12 @@
 // ValueError (TORCH_CHECK_VALUE) whose message starts with the op name and names the argument.
 #pragma once
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
 
+#include <array>
+#include <atomic>
 #include <string>
 
 namespace sqk {
@@ -33,10 +36,24 @@ inline void check_aligned(const char* op, const char* arg, const at::Tensor& t, 
                     bytes, "-byte aligned (a view with this storage offset is not; call .contiguous())");
 }
 
-// (major, minor) of the tensor's device, e.g. 90 for an H100.
+// Compute capability of the tensor's device as major * 10 + minor (90 for an H100), cached per device.
 inline int sm_version(const at::Tensor& t) {
-  const cudaDeviceProp* prop = at::cuda::getDeviceProperties(t.get_device());
-  return prop->major * 10 + prop->minor;
+  static std::array<std::atomic<int>, 64> cache{};
+  const int dev = t.get_device();
+  if (dev < 0 || dev >= 64) return 0;
+  int v = cache[dev].load(std::memory_order_relaxed);
+  if (v == 0) {
+    int major = 0, minor = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev));
+    v = major * 10 + minor;
+    cache[dev].store(v, std::memory_order_relaxed);
+  }
+  return v;
+}
+
+inline cudaStream_t current_stream(const at::Tensor& t) {
+  return c10::cuda::getCurrentCUDAStream(t.get_device()).stream();
 }
 
 }  // namespace sqk

@@ -1,0 +1,109 @@
+"""Timing and reporting helpers shared by every benchmark in this folder.
+
+Rules (../README.md, "Benchmarks"): CUDA events, warm-up first, medians, and inputs rotated among
+enough copies that the working set does not sit in the 50 MB L2 of an H100.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+import torch
+
+L2_FLUSH_BYTES = 2 * 64 * 1024 * 1024  # rotate at least this many bytes of inputs (2x a 50-60 MB L2)
+
+
+def copies_for(bytes_per_set: int, minimum: int = 2, maximum: int = 64) -> int:
+    """How many input sets to rotate so that together they exceed the L2 twice over."""
+    return max(minimum, min(maximum, -(-L2_FLUSH_BYTES // max(1, bytes_per_set))))
+
+
+def time_cuda(fn, args_list, warmup: int = 10, iters: int = 50, graph: bool = False) -> float:
+    """Median time in microseconds of ``fn(*args)``, rotating over ``args_list`` (a list of arg tuples).
+
+    With ``graph=True`` each call is captured once per argument set in a CUDA graph and the replays
+    are timed, which removes Python and launch overhead (what a serving engine sees).
+    """
+    n = len(args_list)
+    if graph:
+        graphs = []
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for args in args_list:  # warm the allocator and any lazy init outside capture
+                fn(*args)
+        torch.cuda.current_stream().wait_stream(stream)
+        for args in args_list:
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                fn(*args)
+            graphs.append(g)
+        call = [g.replay for g in graphs]
+    else:
+        call = [(lambda a=args: fn(*a)) for args in args_list]
+    for i in range(warmup):
+        call[i % n]()
+    torch.cuda.synchronize()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    for i in range(iters):
+        starts[i].record()
+        call[i % n]()
+        ends[i].record()
+    torch.cuda.synchronize()
+    times = sorted(s.elapsed_time(e) * 1e3 for s, e in zip(starts, ends))
+    return times[len(times) // 2]
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).resolve().parent, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=Path(__file__).resolve().parent, timeout=10).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def environment() -> dict:
+    """Device, date, commit and versions, recorded with every result file."""
+    env = {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "commit": os.environ.get("SQ_KERNELS_COMMIT") or git_commit(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+    }
+    if torch.cuda.is_available():
+        prop = torch.cuda.get_device_properties(0)
+        env.update(device=prop.name, sms=prop.multi_processor_count,
+                   capability=f"{prop.major}.{prop.minor}")
+    return env
+
+
+def write_results(path_stem: Path, rows: list[dict], meta: dict) -> None:
+    """Write ``<stem>.json`` (meta + rows) and ``<stem>.csv``."""
+    path_stem.parent.mkdir(parents=True, exist_ok=True)
+    path_stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    if rows:
+        keys = list(rows[0].keys())
+        lines = [",".join(keys)] + [",".join(str(r.get(k, "")) for k in keys) for r in rows]
+        path_stem.with_suffix(".csv").write_text("\n".join(lines) + "\n")
+
+
+def format_table(rows: list[dict], columns: list[str]) -> str:
+    """A plain-text table of ``columns`` (floats shown with 3 significant digits)."""
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
+        return str(v)
+    cells = [[fmt(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(columns)]
+    out = ["  ".join(c.rjust(w) for c, w in zip(columns, widths))]
+    out += ["  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in cells]
+    return "\n".join(out)

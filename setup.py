@@ -70,7 +70,9 @@ def _cuda_extension():
     cutlass_inc = build_config.find_cutlass()
     kernel_build = ROOT / "build" / "kernels"
     objects = build_config.write_ninja(kernel_build, archs, nvcc, cutlass_inc)
-    cuda_home = Path(nvcc).resolve().parent.parent
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    cuda_home = Path(CUDA_HOME) if CUDA_HOME else Path(nvcc).resolve().parent.parent
     _say(f"building CUDA kernels for {', '.join(archs)} with {nvcc}; CUTLASS from {cutlass_inc}")
 
     class BuildKernelsThenExtension(BuildExtension):

@@ -170,11 +170,11 @@ def write_ninja(build_dir: Path, archs: list[str], nvcc: str, cutlass_include: P
 
 
 def _cmake_listing() -> str:
-    """Lines CMakeLists.txt parses: FLAGS <nvcc flags...> / UNIT <source> <arch flags...>."""
+    """Lines CMakeLists.txt parses, fields separated by |: FLAGS|<nvcc flags> and UNIT|<source>|<arch flags>."""
     archs = requested_archs()
-    out = ["FLAGS;" + ";".join(nvcc_flags(find_cutlass()))]
+    out = ["FLAGS|" + "|".join(nvcc_flags(find_cutlass()))]
     for src, arch_flags in compile_units(archs):
-        out.append("UNIT;" + str(src) + ";" + ";".join(arch_flags))
+        out.append("UNIT|" + str(src) + "|" + "|".join(arch_flags))
     return "\n".join(out) + "\n"
 
 

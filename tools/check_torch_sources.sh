@@ -9,7 +9,8 @@ stub=$(mktemp -d); trap 'rm -rf "$stub"' EXIT
 mkdir -p "$stub/c10/cuda/impl"; : > "$stub/c10/cuda/impl/cuda_cmake_macros.h"
 ti=$(python3 -c "import torch.utils.cpp_extension as c; print(' '.join('-I'+p for p in c.include_paths()))")
 py=$(python3 -c "import sysconfig; print('-I' + sysconfig.get_paths()['include'])")
-cuda_inc=$(dirname "$(dirname "$(command -v nvcc)")")/include
+cuda_home=${CUDA_HOME:-/usr/local/cuda}; [ -f "$cuda_home/include/cuda_runtime.h" ] || cuda_home=$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")
+cuda_inc=$cuda_home/include
 files=("$@"); [ ${#files[@]} -gt 0 ] || files=("$top"/csrc/torch/*.cpp)
 rc=0
 for f in "${files[@]}"; do

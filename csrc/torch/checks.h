@@ -52,6 +52,19 @@ inline int sm_version(const at::Tensor& t) {
   return v;
 }
 
+// Multiprocessor count of the tensor's device, cached per device.
+inline int sm_count(const at::Tensor& t) {
+  static std::array<std::atomic<int>, 64> cache{};
+  const int dev = t.get_device();
+  if (dev < 0 || dev >= 64) return 0;
+  int v = cache[dev].load(std::memory_order_relaxed);
+  if (v == 0) {
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev));
+    cache[dev].store(v, std::memory_order_relaxed);
+  }
+  return v;
+}
+
 inline cudaStream_t current_stream(const at::Tensor& t) {
   return c10::cuda::getCurrentCUDAStream(t.get_device()).stream();
 }

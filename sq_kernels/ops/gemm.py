@@ -43,6 +43,8 @@ def check_operands(name: str, a: torch.Tensor, w: torch.Tensor) -> None:
     if a.device != w.device:
         _fail(f"{name}: a is on {a.device} and w on {w.device}; they must be on the same device")
     k, n = a.shape[1], w.shape[0]
+    if k == 0:
+        _fail(f"{name}: K must be positive, got K = 0")
     if k % ALIGN != 0:
         _fail(f"{name}: K = {k} must be a multiple of {ALIGN} (16-byte rows); pad the input features")
     if n % ALIGN != 0:

@@ -1,0 +1,6 @@
+// One instantiation of the sm80 INT8 GEMM (see scaled_mm_sm80.cuh): Tile128, int32_t output.
+#include "sm80/scaled_mm_sm80.cuh"
+
+namespace sqk::sm80 {
+SQK_SM80_INSTANTIATE(Tile128, int32_t)
+}  // namespace sqk::sm80

@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# One GPU-machine session in one call: install the carried wheels, build sq-kernels from the
+# committed HEAD (a clean export, so uncommitted work cannot leak into the result), then run the
+# steps named in STEPS. Logs go to $OUT (the device tool brings them back).
+#
+#   STEPS="build sass tests bench" bash tools/gpu_session.sh
+#   TESTS="tests/kernels -x" BENCH="benchmarks/bench_gemm.py --quick" ...
+# `pytest` (not `python -m pytest`) keeps the source tree off sys.path, so the installed package
+# with its compiled _C is the one imported.
+# Steps: build (always first if named), sass (wgmma in the binary?), tests (pytest $TESTS),
+#        bench (python $BENCH), paths (tools/gemm_paths.py $PATHS_ARGS), cmd ($CMD in the build tree).
+set -uo pipefail
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+SRC=/tmp/sqk-src
+STEPS=${STEPS:-"build tests"}
+export PYTHONUNBUFFERED=1
+log() { echo "== $(date +%H:%M:%S) $*" | tee -a "$OUT/summary.txt"; }
+
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader | tee -a "$OUT/summary.txt"
+
+if [[ " $STEPS " == *" build "* ]]; then
+  rm -rf "$SRC"; mkdir -p "$SRC"
+  git archive HEAD | tar -x -C "$SRC"
+  log "build $(git rev-parse --short HEAD)"
+  start=$(date +%s)
+  (cd "$SRC" && SQ_KERNELS_REQUIRE_CUDA=1 MAX_JOBS=${MAX_JOBS:-16} \
+     python3 -m pip install --no-build-isolation --no-deps -v . > "$OUT/build.log" 2>&1)
+  rc=$?
+  log "build rc=$rc in $(( $(date +%s) - start )) s"
+  if [ $rc -ne 0 ]; then grep -E "error|Error|FAILED" "$OUT/build.log" | head -40; tail -20 "$OUT/build.log"; exit 1; fi
+fi
+cd "$SRC" || exit 1
+# Run from /tmp: with the source tree on sys.path, `import sq_kernels` would find the copy without _C.
+(cd /tmp && python3 -c "import sq_kernels; print('extension:', sq_kernels.has_cuda_kernels(), sq_kernels.extension_error(), sq_kernels.built_archs())") 2>&1 | tee -a "$OUT/summary.txt"
+
+for step in $STEPS; do
+  case $step in
+    build) ;;
+    sass)
+      so=$(cd /tmp && python3 -c "import sq_kernels._C as c; print(c.__file__)")
+      cuobjdump -sass "$so" > /tmp/sass.txt 2>/dev/null
+      log "sass: $(grep -c 'IGMMA\|HGMMA' /tmp/sass.txt) wgmma lines, $(grep -c IMMA /tmp/sass.txt) mma.sync int8 lines"
+      ;;
+    tests)
+      log "pytest ${TESTS:-tests}"
+      pytest -q -rs ${TESTS:-tests} 2>&1 | tee "$OUT/tests.log" | tail -40
+      log "pytest rc=${PIPESTATUS[0]}"
+      ;;
+    bench)
+      log "bench ${BENCH}"
+      python3 $BENCH --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -60
+      ;;
+    paths)
+      log "gemm paths ${PATHS_ARGS:-}"
+      python3 tools/gemm_paths.py ${PATHS_ARGS:-} 2>&1 | tee "$OUT/paths.log"
+      ;;
+    cmd)
+      log "cmd: $CMD"
+      bash -c "$CMD" 2>&1 | tee "$OUT/cmd.log" | tail -60
+      ;;
+  esac
+done
+log "done"

@@ -1,4 +1,6 @@
 #!/usr/bin/env bash
+# Here, first: rm -rf .src && mkdir .src && git archive HEAD | tar -x -C .src && git rev-parse --short HEAD > .src/COMMIT
+# then call the device tool with carry [".src", ".whl"].
 # One GPU-machine session in one call: install the carried wheels, build sq-kernels from the
 # committed HEAD (a clean export, so uncommitted work cannot leak into the result), then run the
 # steps named in STEPS. Logs go to $OUT (the device tool brings them back).
@@ -24,8 +26,9 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noh
 
 if [[ " $STEPS " == *" build "* ]]; then
   rm -rf "$SRC"; mkdir -p "$SRC"
-  git archive HEAD | tar -x -C "$SRC"
-  log "build $(git rev-parse --short HEAD)"
+  # The device tool ships no .git: the caller exports HEAD into .src/ (git archive) and carries it.
+  if [ -d .src ]; then cp -r .src/. "$SRC"/; else git archive HEAD | tar -x -C "$SRC"; fi
+  log "build $(cat .src/COMMIT 2>/dev/null || git rev-parse --short HEAD)"
   start=$(date +%s)
   (cd "$SRC" && SQ_KERNELS_REQUIRE_CUDA=1 MAX_JOBS=${MAX_JOBS:-16} \
      python3 -m pip install --no-build-isolation --no-deps -v . > "$OUT/build.log" 2>&1)

@@ -26,6 +26,7 @@ def main() -> None:
     ap.add_argument("--m", default="1,16,32,64,128,256,1024,4096")
     ap.add_argument("--shapes", default="12288x4096,4096x4096,4096x11008")
     ap.add_argument("--iters", type=int, default=30)
+    ap.add_argument("--graph", action="store_true", help="time CUDA-graph replays (no launch overhead)")
     args = ap.parse_args()
     if not torch.cuda.is_available() or not sq_kernels.has_cuda_kernels():
         sys.exit(f"needs a GPU and the extension ({sq_kernels.extension_error()})")
@@ -44,7 +45,7 @@ def main() -> None:
                 ins.append((a, w, torch.rand(m, device=dev) * 1e-3, torch.rand(n, device=dev) * 1e-3))
             fp = [(torch.randn(m, k, device=dev, dtype=torch.half), torch.randn(n, k, device=dev, dtype=torch.half))
                   for _ in range(sets)]
-            t16 = time_cuda(lambda x, y: x @ y.t(), fp, iters=args.iters)
+            t16 = time_cuda(lambda x, y: x @ y.t(), fp, iters=args.iters, graph=args.graph)
             a, w, sa, sw = ins[0]
             bias = torch.randn(n, device=dev)
             ref = _scaled_mm_reference(a.cpu(), w.cpu(), sa.cpu(), sw.cpu(), bias.cpu(), torch.float16, None, False)
@@ -56,7 +57,7 @@ def main() -> None:
                     out = op(a, w, sa, sw, bias, torch.float16, None, False, path)
                     err = (out.float().cpu() - ref.float()).abs().max().item()
                     t = time_cuda(lambda a_, w_, sa_, sw_: op(a_, w_, sa_, sw_, None, torch.float16, None, False, path),
-                                  ins, iters=args.iters)
+                                  ins, iters=args.iters, graph=args.graph)
                 except RuntimeError as exc:
                     print(f"{shape:>12} {m:>5} {name:>9} failed: {str(exc).splitlines()[0]}")
                     continue

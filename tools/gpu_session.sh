@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Here, first: rm -rf .src && mkdir .src && git archive HEAD | tar -x -C .src && git rev-parse --short HEAD > .src/COMMIT
-# then call the device tool with carry [".src", ".whl"].
+# Here, first: tools/export_head.sh (HEAD -> .src/, unchanged files keep their mtimes), then call the
+# device tool with carry [".src", ".whl", ".kcache.tgz"] (.kcache.tgz: the last run's $OUT/kcache.tgz).
 # One GPU-machine session in one call: install the carried wheels, build sq-kernels from the
 # committed HEAD (a clean export, so uncommitted work cannot leak into the result), then run the
 # steps named in STEPS. Logs go to $OUT (the device tool brings them back).
@@ -27,7 +27,10 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noh
 if [[ " $STEPS " == *" build "* ]]; then
   rm -rf "$SRC"; mkdir -p "$SRC"
   # The device tool ships no .git: the caller exports HEAD into .src/ (git archive) and carries it.
-  if [ -d .src ]; then cp -r .src/. "$SRC"/; else git archive HEAD | tar -x -C "$SRC"; fi
+  # cp -a keeps mtimes, so with a carried .kcache.tgz (the last build's kernel objects and ninja
+  # logs) only the kernel sources that changed since are recompiled.
+  if [ -d .src ]; then cp -a .src/. "$SRC"/; else git archive HEAD | tar -x -C "$SRC"; fi
+  [ -f .kcache.tgz ] && tar -xzf .kcache.tgz -C "$SRC" && log "kernel object cache restored"
   log "build $(cat .src/COMMIT 2>/dev/null || git rev-parse --short HEAD)"
   start=$(date +%s)
   (cd "$SRC" && SQ_KERNELS_REQUIRE_CUDA=1 MAX_JOBS=${MAX_JOBS:-16} \
@@ -35,6 +38,8 @@ if [[ " $STEPS " == *" build "* ]]; then
   rc=$?
   log "build rc=$rc in $(( $(date +%s) - start )) s"
   if [ $rc -ne 0 ]; then grep -E "error|Error|FAILED" "$OUT/build.log" | head -40; tail -20 "$OUT/build.log"; exit 1; fi
+  tar -czf "$OUT/kcache.tgz" -C "$SRC" build/kernels && log "kernel cache $(du -h "$OUT/kcache.tgz" | cut -f1)"
+  so=$(cd /tmp && python3 -c "import sq_kernels._C as c; print(c.__file__)") && log "extension $(du -h "$so" | cut -f1)"
 fi
 cd "$SRC" || exit 1
 # Run from /tmp: with the source tree on sys.path, `import sq_kernels` would find the copy without _C.

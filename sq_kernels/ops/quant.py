@@ -1,15 +1,20 @@
 """Activation quantization: ``sq_kernels::quantize_per_token``, ``quantize_per_tensor_dynamic`` and
-``quantize_static``.
+``quantize_static``; the quantization step shared with the fused ops of activation.py and norm.py.
 
-Math (symmetric int8; the kernels follow the same order of operations)::
+Math (symmetric int8; the CUDA kernels, csrc/kernels/common/quant_*.cu, follow the same order of
+operations and this reference reproduces them bitwise)::
 
-    amax    = max_j |x[j]|                       over a row (per-token) or the whole tensor, in fp32
-    scale   = max(amax, EPS) / 127               fp32, so an all-zero row gets a finite scale
-    inv     = 127 / max(amax, EPS)               fp32 (one IEEE division)
-    x_q     = saturate_int8(rint(x * inv))       dynamic schemes
-    x_q     = saturate_int8(rint(x / scale))     static scheme (scale from calibration)
+    amax    = max_j |y[j]|                       over a row (per-token) or the whole tensor, in fp32;
+                                                 a NaN anywhere in the row makes amax NaN
+    a       = max(amax, EPS)                     fp32, NaN stays NaN
+    scale   = a / 127                            fp32 (IEEE division), so an all-zero row gets EPS / 127
+    inv     = 127 / a                            fp32 (IEEE division: not ``reciprocal(a) * 127``)
+    y_q     = sat_int8(rint(y * inv))            dynamic schemes
+    y_q     = sat_int8(rint(y / scale))          static scheme (scale from calibration)
 
-``x ~= x_q * scale``. Inputs are fp16, bf16 or fp32 with a contiguous last dimension.
+``rint`` rounds half to even; ``sat_int8`` clamps to [-128, 127] and maps NaN to 0, so a row with a
+NaN gets a NaN scale and zero outputs, and no other row is affected (per-token). ``y ~= y_q * scale``.
+Inputs are fp16, bf16 or fp32 ``[M, H]`` with a contiguous last dimension (any row stride).
 """
 from __future__ import annotations
 
@@ -25,15 +30,21 @@ def _fail(msg: str):
     raise ValueError(msg)
 
 
-def check_input(name: str, x) -> None:
+def check_input(name: str, x, arg: str = "x") -> None:
     if not isinstance(x, torch.Tensor):
-        _fail(f"{name}: x must be a tensor, got {type(x).__name__}")
+        _fail(f"{name}: {arg} must be a tensor, got {type(x).__name__}")
     if x.dtype not in FLOAT_DTYPES:
-        _fail(f"{name}: x must be float16, bfloat16 or float32, got {x.dtype}")
+        _fail(f"{name}: {arg} must be float16, bfloat16 or float32, got {x.dtype}")
     if x.dim() != 2:
-        _fail(f"{name}: x must be 2-D [M, H], got shape {tuple(x.shape)}")
+        _fail(f"{name}: {arg} must be 2-D [M, H], got shape {tuple(x.shape)}")
     if x.numel() and x.stride(1) != 1:
-        _fail(f"{name}: x must have a contiguous last dimension (stride(1) == 1), got strides {x.stride()}")
+        _fail(f"{name}: {arg} must have a contiguous last dimension (stride(1) == 1), got strides {x.stride()}")
+
+
+def check_optional_scale(name: str, scale, device) -> None:
+    """``scale`` is None (dynamic per-token) or a 1-element float32 tensor on ``device`` (static)."""
+    if scale is not None:
+        check_static_scale(name, scale, device)
 
 
 def check_static_scale(name: str, scale, device) -> None:
@@ -44,20 +55,39 @@ def check_static_scale(name: str, scale, device) -> None:
         _fail(f"{name}: scale is on {scale.device} but x is on {device}")
 
 
-def _quantize_rows(x: torch.Tensor, amax: torch.Tensor):
-    amax = torch.clamp_min(amax.to(torch.float32), EPS)
-    scale = amax / 127.0
-    inv = 127.0 / amax
-    x_q = torch.clamp(torch.round(x.to(torch.float32) * inv), -128, 127).to(torch.int8)
-    return x_q, scale
+def sat_int8(y: torch.Tensor) -> torch.Tensor:
+    """``rint`` (half to even), clamp to [-128, 127], NaN -> 0; float32 in, int8 out."""
+    r = torch.clamp(torch.round(y), -128, 127)
+    return torch.where(torch.isnan(r), torch.zeros_like(r), r).to(torch.int8)
+
+
+def _quantize_rows(y: torch.Tensor, amax: torch.Tensor):
+    """Dynamic quantization of fp32 ``y`` with ``amax`` ([M, 1] per-token or [1, 1] per-tensor)."""
+    a = torch.clamp_min(amax.to(torch.float32), EPS)
+    scale = a / 127.0
+    inv = torch.full_like(a, 127.0) / a
+    return sat_int8(y.to(torch.float32) * inv), scale
+
+
+def row_amax(y: torch.Tensor) -> torch.Tensor:
+    """``max_j |y[m, j]|`` as float32 ``[M, 1]`` (0 for an empty row; NaN propagates)."""
+    if y.shape[1] == 0:
+        return y.new_zeros((y.shape[0], 1), dtype=torch.float32)
+    return y.abs().amax(dim=1, keepdim=True).to(torch.float32)
+
+
+def quantize_reference(y: torch.Tensor, scale: torch.Tensor | None):
+    """The quantization step of every op: fp32 ``y [M, H]`` -> (``y_q`` int8, scale) where the scale
+    is the per-token ``[M]`` (``scale=None``) or a fresh copy of the static ``[1]`` scale."""
+    if scale is None:
+        y_q, s = _quantize_rows(y, row_amax(y))
+        return y_q, s.reshape(-1)
+    return sat_int8(y.to(torch.float32) / scale.reshape(1, 1)), scale.reshape(1).clone()
 
 
 def _per_token_reference(x):
     check_input("quantize_per_token", x)
-    amax = x.abs().amax(dim=1, keepdim=True).to(torch.float32) if x.shape[1] else \
-        x.new_zeros((x.shape[0], 1), dtype=torch.float32)
-    x_q, scale = _quantize_rows(x, amax)
-    return x_q, scale.reshape(-1)
+    return quantize_reference(x.to(torch.float32), None)
 
 
 def _per_token_fake(x):
@@ -81,7 +111,7 @@ def _per_tensor_dynamic_fake(x):
 def _static_reference(x, scale):
     check_input("quantize_static", x)
     check_static_scale("quantize_static", scale, x.device)
-    return torch.clamp(torch.round(x.to(torch.float32) / scale.reshape(1, 1)), -128, 127).to(torch.int8)
+    return sat_int8(x.to(torch.float32) / scale.reshape(1, 1))
 
 
 def _static_fake(x, scale):
@@ -96,9 +126,13 @@ define("quantize_per_tensor_dynamic(Tensor x) -> (Tensor, Tensor)",
 define("quantize_static(Tensor x, Tensor scale) -> Tensor", _static_reference, _static_fake)
 
 
-def _as_2d(name: str, x):
+def as_rows(name: str, x, arg: str = "x"):
+    """``x [..., H]`` as ``[M, H]`` with a unit column stride (a view when possible; a transposed
+    last dimension is copied, which the ops themselves would reject)."""
     if not isinstance(x, torch.Tensor) or x.dim() < 1:
-        _fail(f"{name}: x must be a tensor of shape [..., H], got {getattr(x, 'shape', type(x).__name__)}")
+        _fail(f"{name}: {arg} must be a tensor of shape [..., H], got {getattr(x, 'shape', type(x).__name__)}")
+    if x.numel() and x.stride(-1) != 1:
+        x = x.contiguous()
     return x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
 
 
@@ -110,7 +144,7 @@ def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     Returns:
         ``x_q`` int8 ``[..., H]`` and ``x_scale`` float32 ``[...]`` with ``x ~= x_q * x_scale[..., None]``.
     """
-    x_q, scale = op("quantize_per_token")(_as_2d("quantize_per_token", x))
+    x_q, scale = op("quantize_per_token")(as_rows("quantize_per_token", x))
     return x_q.reshape(x.shape), scale.reshape(x.shape[:-1])
 
 
@@ -123,7 +157,7 @@ def quantize_per_tensor(x: torch.Tensor, scale: torch.Tensor | None = None) -> t
     Returns:
         ``x_q`` int8 ``[..., H]`` and the float32 ``[1]`` scale used.
     """
-    x2 = _as_2d("quantize_per_tensor", x)
+    x2 = as_rows("quantize_per_tensor", x)
     if scale is None:
         x_q, scale = op("quantize_per_tensor_dynamic")(x2)
     else:

@@ -1,0 +1,9 @@
+// Instantiates the fused (residual add +) RMSNorm + int8 quantization kernels of norm_quant.cuh.
+// Math, layouts and alignment: quant.h and norm_quant.cuh.
+#include "norm_quant.cuh"
+
+namespace sqk {
+namespace qnorm {
+template void launch_norm_rows<NormType::kRms>(const NormQuantParams&, RowMode);
+}  // namespace qnorm
+}  // namespace sqk

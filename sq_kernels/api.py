@@ -1,0 +1,138 @@
+"""The user API: ``smoothquant(model, data, config)`` in one call, or its steps
+``collect_act_stats`` -> ``smooth_`` -> ``quantize_``.
+
+    import sq_kernels as sq
+    report = sq.smoothquant(model, "calib.txt", sq.SmoothQuantConfig(alpha=0.85), tokenizer=tok)
+    print(report)                  # what was converted, what stayed in floating point and why
+    sq.save_quantized(model, "out/")
+
+``quantize_`` swaps every selected ``nn.Linear`` (and fused MoE experts module) for its W8A8 version.
+It decides everything first and builds every new module before touching the model, so an error leaves
+the model unchanged; modules that stay in floating point are listed with their reason (and warned about
+when the kernels cannot run them), never skipped silently.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from .calibration import ActStats, calibration_batches, collect_act_stats
+from .config import SmoothQuantConfig
+from .families import UnsupportedModelError, family_of
+from .nn.convert import build_modules, plan_conversion, swap_modules, warn_kept
+from .smooth import SmoothReport, smooth_
+
+
+@dataclass
+class ConversionReport:
+    """``converted``: module name -> scheme; ``kept``: module name -> why it stays in floating point;
+    ``smoothing``: the ``SmoothReport`` when the model was smoothed."""
+    converted: dict[str, str] = field(default_factory=dict)
+    kept: dict[str, str] = field(default_factory=dict)
+    smoothing: SmoothReport | None = None
+    config: dict | None = None
+
+    def to_dict(self) -> dict:
+        return {"converted": dict(self.converted), "kept": dict(self.kept), "config": self.config,
+                "smoothing": self.smoothing.to_dict() if self.smoothing is not None else None}
+
+    def __str__(self) -> str:
+        lines = [f"W8A8: {len(self.converted)} module(s) converted, {len(self.kept)} kept in floating point"]
+        schemes: dict[str, int] = {}
+        for scheme in self.converted.values():
+            schemes[scheme] = schemes.get(scheme, 0) + 1
+        lines += [f"  {n} x {scheme}" for scheme, n in schemes.items()]
+        lines += [f"  kept {name}: {why}" for name, why in self.kept.items()]
+        if self.smoothing is not None:
+            lines.append(str(self.smoothing))
+        return "\n".join(lines)
+
+
+def _family_or_none(model, config: SmoothQuantConfig):
+    try:
+        return family_of(model, config.family)
+    except UnsupportedModelError:
+        return None
+
+
+def quantize_(model: nn.Module, config: SmoothQuantConfig | None = None, stats: ActStats | None = None) -> ConversionReport:
+    """Replace the selected linears (and fused experts) of ``model`` by W8A8 modules, in place.
+
+    Args:
+        model: any ``nn.Module`` (typically a smoothed HF causal LM).
+        config: scheme, include/exclude patterns and ``set_local`` rules (default: per-channel weights,
+            per-token dynamic activations, ``lm_head`` kept in floating point).
+        stats: statistics of the (smoothed) model; required by the static scheme.
+
+    Returns:
+        ``ConversionReport``. On an error nothing was converted (the model is unchanged).
+    """
+    config = (config or SmoothQuantConfig()).validate()
+    spec = _family_or_none(model, config)
+    plan = plan_conversion(model, config, stats, spec)
+    if not plan.converted:
+        raise ValueError(f"quantize_: no module to convert in {type(model).__name__} "
+                         f"({len(plan.kept)} candidates all stay in floating point: "
+                         f"{dict((e.name, e.reason) for e in plan.kept[:6])})")
+    warn_kept(plan)
+    try:
+        new_modules = build_modules(plan, stats, progress=config.progress)
+    except Exception as exc:
+        raise type(exc)(f"{exc}\n(quantize_ stopped before changing the model: nothing was converted)") \
+            if isinstance(exc, ValueError) else RuntimeError(
+                f"quantize_ failed while building W8A8 modules; nothing was converted: {exc}") from exc
+    swap_modules(model, new_modules)
+    report = ConversionReport({e.name: str(e.scheme) for e in plan.converted},
+                              {e.name: e.reason for e in plan.kept}, config=config.to_dict())
+    smoothing = getattr(model, "sq_smoothing", None)
+    try:
+        model.sq_quantization = {"config": config.to_dict(), "converted": dict(report.converted),
+                                 "kept": dict(report.kept), "smoothing": smoothing}
+    except AttributeError:
+        pass
+    return report
+
+
+def smoothquant(model: nn.Module, data, config: SmoothQuantConfig | None = None, tokenizer=None,
+                stats: ActStats | None = None) -> ConversionReport:
+    """Calibrate, smooth and quantize ``model`` in place: the whole SmoothQuant recipe in one call.
+
+    Args:
+        model: an HF causal LM of a supported family (OPT, Llama, Mistral, Mixtral, BLOOM, Falcon, Qwen2),
+            or any model with ``config.family`` given.
+        data: calibration data (token tensors, strings with ``tokenizer``, a local .txt / .jsonl path).
+        config: ``SmoothQuantConfig``.
+        tokenizer: for text data.
+        stats: statistics collected before (skips the calibration run).
+
+    Returns:
+        ``ConversionReport`` with the ``SmoothReport`` attached.
+    """
+    config = (config or SmoothQuantConfig()).validate()
+    if config.smooth:
+        spec = family_of(model, config.family)  # unsupported architectures fail here, listing the supported ones
+        reason = spec.refusal(getattr(model, "config", None))
+        if reason:
+            raise ValueError(f"{spec.name}: cannot smooth this model: {reason}")
+    batches = calibration_batches(data, tokenizer, config.num_samples, config.seq_len, config.batch_size)
+    if stats is None:
+        stats = collect_act_stats(model, batches, family=config.family, progress=config.progress)
+    smoothing = None
+    quant_stats = stats
+    if config.smooth:
+        smoothing = smooth_(model, stats, config, data=batches)
+        quant_stats = smoothing.stats
+    try:
+        report = quantize_(model, config, quant_stats)
+    except Exception as exc:
+        if smoothing is None:
+            raise
+        raise type(exc)(f"{exc}\n(the model was smoothed, which leaves its outputs unchanged, but not quantized)") \
+            if isinstance(exc, ValueError) else RuntimeError(
+                f"the model was smoothed but quantization failed: {exc}") from exc
+    report.smoothing = smoothing
+    return report
+
+
+__all__ = ["ConversionReport", "quantize_", "smooth_", "smoothquant", "SmoothQuantConfig", "collect_act_stats"]

@@ -1,0 +1,310 @@
+"""Quantized checkpoints: save a W8A8 model and load it back into its HF class, never materialising the
+floating-point weights of the quantized linears.
+
+A checkpoint directory holds::
+
+    config.json             the HF config (unchanged format; ``architectures`` names the class)
+    generation_config.json  when the model has one
+    sq_model.safetensors    every tensor of the quantized model: int8 weights, float32 scales and
+                            biases, the floating-point rest (embeddings, norms, lm_head) and the
+                            non-persistent buffers (rotary tables), so a reload is bitwise identical
+    sq_quantization.json    the versioned quantization config: format and version, the W8A8 module
+                            table (kind, shape, scheme), tied-weight aliases, SHA-256 of config.json
+                            and of the weights file, and the SmoothQuant settings (alpha per layer)
+
+The weights file deliberately is not ``model.safetensors``: a plain ``from_pretrained`` cannot load
+int8 weights into floating-point layers, so it fails instead of returning a broken model.
+``load_quantized`` builds the model on the meta device, swaps in W8A8 modules from the table, and
+assigns the stored tensors; a checkpoint whose files do not match each other, whose version is unknown
+or whose bytes are damaged is rejected with a message saying which.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .nn import W8A8Experts, W8A8Linear
+
+FORMAT = "sq_kernels.w8a8"
+FORMAT_VERSION = 1
+QUANT_FILE = "sq_quantization.json"
+WEIGHTS_FILE = "sq_model.safetensors"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is not one, is damaged, or does not match itself."""
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _config_digest(path: Path) -> str:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path} is not readable JSON: {exc}") from None
+    return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _module_table(model: nn.Module) -> dict[str, dict]:
+    table = {}
+    for name, m in model.named_modules():
+        if isinstance(m, W8A8Linear):
+            table[name] = {"kind": "linear", "in_features": m.in_features, "out_features": m.out_features,
+                           "bias": m.bias is not None, "weight": m.weight_granularity, "activation": m.activation}
+        elif isinstance(m, W8A8Experts):
+            table[name] = {"kind": "experts", "num_experts": m.num_experts, "hidden_dim": m.hidden_dim,
+                           "intermediate_dim": m.intermediate_dim, "weight": m.weight_granularity,
+                           "activation": m.activation}
+    return table
+
+
+def _scale_names(table: dict[str, dict]) -> list[str]:
+    names = []
+    for name, d in table.items():
+        if d["kind"] == "linear":
+            names += [f"{name}.weight_scale"] + ([f"{name}.input_scale"] if d["activation"] == "static" else [])
+        else:
+            names += [f"{name}.gate_up_proj_scale", f"{name}.down_proj_scale"]
+            if d["activation"] == "static":
+                names += [f"{name}.gate_up_input_scale", f"{name}.down_input_scale"]
+    return names
+
+
+def _check_scales(tensors: dict[str, torch.Tensor], table: dict[str, dict], where: str) -> None:
+    for key in _scale_names(table):
+        t = tensors.get(key)
+        if t is None:
+            raise CheckpointError(f"{where}: scale {key!r} is missing")
+        if t.dtype != torch.float32:
+            raise CheckpointError(f"{where}: scale {key!r} must be float32, got {t.dtype}")
+        if not torch.isfinite(t).all() or (t <= 0).any():
+            raise CheckpointError(f"{where}: scale {key!r} holds NaN, Inf or non-positive values")
+
+
+def _all_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str], list[str]]:
+    """Every tensor to store (state dict + non-persistent buffers), shared tensors stored once.
+    Returns ``(tensors, aliases {dropped key: stored key}, non-persistent buffer names)``."""
+    state = model.state_dict()
+    non_persistent = [n for n, _ in model.named_buffers() if n not in state]
+    buffers = dict(model.named_buffers())
+    items = list(state.items()) + [(n, buffers[n]) for n in non_persistent]
+    tensors, aliases, seen, storages = {}, {}, {}, set()
+    for key, t in items:
+        t = t.detach()
+        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        if t.numel() and ident in seen:
+            aliases[key] = seen[ident]
+            continue
+        seen[ident] = key
+        storage = t.untyped_storage().data_ptr()
+        t = t.to("cpu").contiguous()
+        if storage in storages:  # another view of the same memory: safetensors stores each tensor separately
+            t = t.clone()
+        storages.add(storage)
+        tensors[key] = t
+    return tensors, aliases, non_persistent
+
+
+def save_quantized(model: nn.Module, path) -> Path:
+    """Write the quantized HF ``model`` to directory ``path`` (created if needed). Returns the path."""
+    from safetensors.torch import save_file
+
+    from . import __version__
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "save_pretrained"):
+        raise ValueError(f"save_quantized needs a Hugging Face model with a config, got {type(model).__name__}")
+    table = _module_table(model)
+    if not table:
+        raise ValueError("save_quantized: the model has no W8A8 modules; quantize it first (quantize_ or smoothquant)")
+    tensors, aliases, non_persistent = _all_tensors(model)
+    for key in list(aliases):
+        if any(key.startswith(name + ".") for name in table):
+            raise ValueError(f"save_quantized: {key} shares memory with {aliases[key]}; W8A8 buffers must be their own")
+    _check_scales(tensors, table, "save_quantized")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / QUANT_FILE).unlink(missing_ok=True)  # written last: its presence marks a complete checkpoint
+    config.architectures = [type(model).__name__]
+    config.save_pretrained(path)
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None and hasattr(generation_config, "save_pretrained"):
+        generation_config.save_pretrained(path)
+    save_file(tensors, str(path / WEIGHTS_FILE), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "sq_kernels_version": __version__,
+        "architecture": type(model).__name__,
+        "model_type": getattr(config, "model_type", None),
+        "config_sha256": _config_digest(path / "config.json"),
+        "weights_file": WEIGHTS_FILE,
+        "weights_sha256": _sha256_file(path / WEIGHTS_FILE),
+        "modules": table,
+        "tied": aliases,
+        "non_persistent_buffers": non_persistent,
+        "quantization": getattr(model, "sq_quantization", None),
+    }
+    (path / QUANT_FILE).write_text(json.dumps(meta, indent=2, default=str), encoding="utf-8")
+    return path
+
+
+def read_quantization_config(path) -> dict:
+    """The checked ``sq_quantization.json`` of checkpoint directory ``path``."""
+    path = Path(path)
+    qfile = path / QUANT_FILE
+    if not qfile.is_file():
+        if (path / "config.json").is_file():
+            raise CheckpointError(f"{path} is a Hugging Face checkpoint without {QUANT_FILE}: not an sq_kernels "
+                                  f"quantized model (or its save did not finish). Quantize it with smoothquant().")
+        raise CheckpointError(f"{path} is not a checkpoint directory (no {QUANT_FILE})")
+    try:
+        meta = json.loads(qfile.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{qfile} is corrupt (not JSON: {exc.msg} at line {exc.lineno})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{qfile}: format is {meta.get('format') if isinstance(meta, dict) else None!r}, "
+                              f"expected {FORMAT!r}")
+    version = meta.get("format_version")
+    if not isinstance(version, int) or version < 1:
+        raise CheckpointError(f"{qfile}: invalid format_version {version!r}")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(f"{qfile}: format_version {version} was written by a newer sq_kernels "
+                              f"({meta.get('sq_kernels_version')}); this one reads up to {FORMAT_VERSION}. Upgrade sq_kernels.")
+    for key in ("architecture", "config_sha256", "weights_file", "modules"):
+        if key not in meta:
+            raise CheckpointError(f"{qfile}: missing field {key!r}")
+    return meta
+
+
+def _build_skeleton(path: Path, meta: dict):
+    import transformers
+    from transformers import AutoConfig
+    config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    if meta.get("model_type") and config.model_type != meta["model_type"]:
+        raise CheckpointError(f"config.json is a {config.model_type!r} config but the weights were saved from a "
+                              f"{meta['model_type']!r} model")
+    cls = getattr(transformers, meta["architecture"], None)
+    if cls is None:
+        raise CheckpointError(f"this transformers ({transformers.__version__}) has no class {meta['architecture']!r}")
+    with torch.device("meta"):
+        model = cls(config)
+    for name, d in meta["modules"].items():
+        try:
+            original = model.get_submodule(name)
+        except AttributeError:
+            raise CheckpointError(f"the quantized module {name!r} does not exist in {meta['architecture']} built from "
+                                  f"config.json: the checkpoint does not match its config") from None
+        if d["kind"] == "linear":
+            shape = (getattr(original, "in_features", None), getattr(original, "out_features", None))
+            if shape != (d["in_features"], d["out_features"]):
+                raise CheckpointError(f"{name}: config.json gives a linear of (in, out) = {shape}, the checkpoint "
+                                      f"holds {(d['in_features'], d['out_features'])}")
+            new = W8A8Linear(d["in_features"], d["out_features"], d["bias"], d["weight"], d["activation"], device="meta")
+        elif d["kind"] == "experts":
+            gate_up = getattr(original, "gate_up_proj", None)
+            want = (d["num_experts"], 2 * d["intermediate_dim"], d["hidden_dim"])
+            if gate_up is None or tuple(gate_up.shape) != want:
+                raise CheckpointError(f"{name}: config.json gives experts {tuple(getattr(gate_up, 'shape', ()))}, the "
+                                      f"checkpoint holds {want}")
+            new = W8A8Experts(d["num_experts"], d["hidden_dim"], d["intermediate_dim"], original.act_fn,
+                              d["weight"], d["activation"], device="meta")
+        else:
+            raise CheckpointError(f"{name}: unknown module kind {d['kind']!r}")
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+    return model
+
+
+def load_quantized(path, device=None, verify: bool = True):
+    """Load a checkpoint written by ``save_quantized`` into its HF class with W8A8 modules.
+
+    Args:
+        path: the checkpoint directory.
+        device: where the tensors go (default CPU); loaded there directly.
+        verify: check the SHA-256 of the weights file (detects damaged bytes; costs one read of the file).
+
+    Returns:
+        The model in eval mode. Raises ``CheckpointError`` (a ValueError) for a checkpoint that is not
+        one, is damaged, has an unknown version, or whose config and weights do not match.
+    """
+    from safetensors import safe_open
+    path = Path(path)
+    meta = read_quantization_config(path)
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{path}: config.json is missing")
+    if _config_digest(path / "config.json") != meta["config_sha256"]:
+        raise CheckpointError(f"{path}/config.json does not match the quantized weights: it was edited after saving or "
+                              f"belongs to another model (SHA-256 differs from the one recorded in {QUANT_FILE})")
+    weights = path / meta["weights_file"]
+    if not weights.is_file():
+        raise CheckpointError(f"{path}: weights file {meta['weights_file']!r} is missing")
+    if verify and meta.get("weights_sha256") and _sha256_file(weights) != meta["weights_sha256"]:
+        raise CheckpointError(f"{weights} is corrupt: its SHA-256 differs from the one recorded when it was saved")
+    model = _build_skeleton(path, meta)
+    expected_state = model.state_dict(keep_vars=True)
+    non_persistent = set(meta.get("non_persistent_buffers", []))
+    aliases = dict(meta.get("tied", {}))
+    try:
+        with safe_open(str(weights), framework="pt", device=str(torch.device(device or "cpu"))) as f:
+            file_meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:  # safetensors' own errors for a damaged header or truncated data
+        raise CheckpointError(f"{weights} is corrupt or truncated: {exc}") from None
+    if file_meta.get("format") != FORMAT:
+        raise CheckpointError(f"{weights} is not an sq_kernels weights file (format={file_meta.get('format')!r})")
+    expected = (set(expected_state) | non_persistent) - set(aliases)
+    missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+    if missing or unexpected:
+        raise CheckpointError(f"{weights} does not match {meta['architecture']} from config.json: "
+                              f"missing {missing[:6]}{'...' if len(missing) > 6 else ''}, "
+                              f"unexpected {unexpected[:6]}{'...' if len(unexpected) > 6 else ''}")
+    for key, t in tensors.items():
+        ref = expected_state.get(key)
+        if ref is not None and tuple(ref.shape) != tuple(t.shape):
+            raise CheckpointError(f"{key}: stored shape {tuple(t.shape)}, the model expects {tuple(ref.shape)}")
+        if ref is not None and (ref.dtype == torch.int8) != (t.dtype == torch.int8):
+            raise CheckpointError(f"{key}: stored dtype {t.dtype}, the model expects {ref.dtype}")
+    _check_scales(tensors, meta["modules"], str(weights))
+    for alias, target in aliases.items():
+        if target not in tensors:
+            raise CheckpointError(f"tied tensor {alias!r} points at {target!r}, which the weights file lacks")
+    state = {k: v for k, v in tensors.items() if k not in non_persistent}
+    state.update({alias: tensors[target] for alias, target in aliases.items() if alias in expected_state})
+    model.load_state_dict(state, strict=True, assign=True)
+    for key in non_persistent:
+        owner, _, buf = key.rpartition(".")
+        (model.get_submodule(owner) if owner else model)._buffers[buf] = tensors[key]
+    for alias, target in aliases.items():  # re-tie: one Parameter object, as in the saved model
+        a_owner, _, a_name = alias.rpartition(".")
+        t_owner, _, t_name = target.rpartition(".")
+        src = model.get_submodule(t_owner) if t_owner else model
+        dst = model.get_submodule(a_owner) if a_owner else model
+        if t_name in src._parameters and a_name in dst._parameters:
+            dst._parameters[a_name] = src._parameters[t_name]
+    still_meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if still_meta:
+        raise CheckpointError(f"{weights} left tensors unset: {still_meta[:6]}")
+    generation = path / "generation_config.json"
+    if generation.is_file():
+        from transformers import GenerationConfig
+        model.generation_config = GenerationConfig.from_pretrained(str(path), local_files_only=True)
+    model.sq_quantization = meta.get("quantization")
+    return model.eval()
+
+
+def is_quantized_checkpoint(path) -> bool:
+    return (Path(path) / QUANT_FILE).is_file()
+
+
+__all__ = ["save_quantized", "load_quantized", "read_quantization_config", "is_quantized_checkpoint",
+           "CheckpointError", "FORMAT_VERSION"]

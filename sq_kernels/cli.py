@@ -1,0 +1,237 @@
+"""``sq-kernels``: the command line over calibration, SmoothQuant conversion, checkpoints and evaluation.
+
+    sq-kernels calibrate MODEL_DIR --data calib.txt --out stats.safetensors
+    sq-kernels quantize  MODEL_DIR OUT_DIR --data calib.txt [--alpha 0.85|auto] [--scheme W8A8|O1|O2|O3]
+    sq-kernels eval      MODEL_OR_QUANTIZED_DIR [--reference FP_DIR] [--ppl wiki.txt] [--lambada lambada.jsonl]
+    sq-kernels info      QUANTIZED_DIR
+
+Models and tokenizers are read from local directories only (nothing is downloaded). Errors print one
+line and exit with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+def _dtype(name: str):
+    import torch
+    return None if name == "auto" else getattr(torch, name)
+
+
+def _load_model(path: str, device: str, dtype: str):
+    from .checkpoint import is_quantized_checkpoint, load_quantized
+    if is_quantized_checkpoint(path):
+        model = load_quantized(path, device=device)
+        if dtype != "auto":
+            model = model.to(_dtype(dtype))
+        return model
+    from transformers import AutoModelForCausalLM
+    if not Path(path, "config.json").is_file():
+        raise ValueError(f"{path} is not a local Hugging Face model directory (no config.json)")
+    kwargs = {} if dtype == "auto" else {"dtype": _dtype(dtype)}
+    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **kwargs)
+    return model.to(device).eval()
+
+
+def _load_tokenizer(path: str | None, required: bool = True):
+    if path is None:
+        return None
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as exc:  # transformers raises several types for a directory without a tokenizer
+        if required:
+            raise ValueError(f"no tokenizer could be loaded from {path} ({type(exc).__name__}); pass --tokenizer DIR") from None
+        return None
+
+
+def _config_from_args(args):
+    from .config import SmoothQuantConfig
+    alpha = None
+    if args.alpha is not None:
+        alpha = "auto" if args.alpha == "auto" else _float(args.alpha, "--alpha")
+    config = SmoothQuantConfig(alpha=alpha, scheme=args.scheme, weight=args.weight, activation=args.activation,
+                               exclude=tuple(args.exclude), smooth=not args.no_smooth,
+                               fold_linear_pairs=args.fold_linear_pairs, num_samples=args.num_samples,
+                               seq_len=args.seq_len, batch_size=args.batch_size, progress=not args.no_progress)
+    for pattern in args.fp:
+        config.set_local(pattern, "fp")
+    if args.include:
+        config.include = tuple(args.include)
+    return config
+
+
+def _float(text: str, flag: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"{flag} must be a number in [0, 1] or 'auto', got {text!r}") from None
+
+
+def cmd_calibrate(args) -> int:
+    from .calibration import collect_act_stats
+    model = _load_model(args.model, args.device, args.dtype)
+    tokenizer = _load_tokenizer(args.tokenizer or args.model, required=False)
+    stats = collect_act_stats(model, args.data, tokenizer, num_samples=args.num_samples, seq_len=args.seq_len,
+                              batch_size=args.batch_size, progress=not args.no_progress)
+    stats.save(args.out)
+    print(f"saved statistics of {len(stats)} modules ({stats.meta.get('num_tokens')} tokens) to {args.out}")
+    return 0
+
+
+def cmd_quantize(args) -> int:
+    from .api import smoothquant
+    from .calibration import ActStats
+    from .checkpoint import save_quantized
+    config = _config_from_args(args)
+    model = _load_model(args.model, args.device, args.dtype)
+    tokenizer = _load_tokenizer(args.tokenizer or args.model, required=args.stats is None)
+    stats = ActStats.load(args.stats) if args.stats else None
+    if stats is None and args.save_stats:
+        from .calibration import collect_act_stats
+        stats = collect_act_stats(model, args.data, tokenizer, num_samples=config.num_samples, seq_len=config.seq_len,
+                                  batch_size=config.batch_size, progress=config.progress)
+        stats.save(args.save_stats)
+    report = smoothquant(model, args.data, config, tokenizer=tokenizer, stats=stats)
+    save_quantized(model, args.out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(args.out)
+    if report.smoothing is not None:
+        report.smoothing.save(Path(args.out) / "sq_smoothing_report.json")
+    print(report)
+    print(f"saved the quantized model to {args.out}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from . import evaluation as ev
+    model = _load_model(args.model, args.device, args.dtype)
+    tokenizer = _load_tokenizer(args.tokenizer or args.model, required=bool(args.ppl or args.lambada or args.sqnr_data))
+    reference = _load_model(args.reference, args.device, args.dtype) if args.reference else None
+    if not (args.ppl or args.lambada or (reference is not None and args.sqnr_data)):
+        raise ValueError("nothing to evaluate: pass --ppl FILE, --lambada FILE, or --reference DIR with --sqnr-data FILE")
+    progress = not args.no_progress
+    results: dict = {"model": args.model}
+    for label, m in (("model", model), ("reference", reference)):
+        if m is None:
+            continue
+        if args.ppl:
+            results[f"{label}_perplexity"] = ev.perplexity(m, args.ppl, tokenizer, seq_len=args.seq_len,
+                                                            stride=args.stride, max_windows=args.max_windows,
+                                                            progress=progress)
+        if args.lambada:
+            results[f"{label}_last_word_accuracy"] = ev.last_token_accuracy(m, args.lambada, tokenizer,
+                                                                           max_samples=args.max_samples,
+                                                                           progress=progress)
+    if reference is not None and args.sqnr_data:
+        report = ev.layer_sqnr(reference, model, args.sqnr_data, tokenizer, seq_len=args.seq_len, progress=progress)
+        results["layer_sqnr_db"] = report
+        print(ev.format_sqnr_table(report))
+    for key, value in results.items():
+        if key != "layer_sqnr_db":
+            print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
+    if args.json:
+        ev.save_json(results, args.json)
+    return 0
+
+
+def cmd_info(args) -> int:
+    from .checkpoint import read_quantization_config
+    meta = read_quantization_config(args.checkpoint)
+    schemes: dict[str, int] = {}
+    for d in meta["modules"].values():
+        key = f"{d['kind']}: w8 {d['weight']} / a8 {d['activation']}"
+        schemes[key] = schemes.get(key, 0) + 1
+    print(f"{args.checkpoint}: {meta['architecture']} ({meta.get('model_type')}), format {meta['format']} "
+          f"v{meta['format_version']}, written by sq_kernels {meta.get('sq_kernels_version')}")
+    for key, n in schemes.items():
+        print(f"  {n} x {key}")
+    quant = meta.get("quantization") or {}
+    alphas = ((quant.get("smoothing") or {}).get("alphas")) or {}
+    if alphas:
+        print("  alpha per layer: " + ", ".join(f"{k.rsplit('.', 1)[-1]}={v:g}" for k, v in alphas.items()))
+    if args.json:
+        print(json.dumps(meta, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sq-kernels", description="SmoothQuant W8A8: calibrate, quantize, evaluate.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p, data_required: bool):
+        p.add_argument("--data", required=data_required, help="calibration data: a local .txt or .jsonl file")
+        p.add_argument("--tokenizer", help="tokenizer directory (default: the model directory)")
+        p.add_argument("--num-samples", type=int, default=128, help="calibration samples (default 128)")
+        p.add_argument("--seq-len", type=int, default=512, help="tokens per sample (default 512)")
+        p.add_argument("--batch-size", type=int, default=1)
+
+    def runtime(p):
+        p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
+        p.add_argument("--dtype", default="auto", choices=DTYPES, help="floating-point dtype to run in")
+        p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    p = sub.add_parser("calibrate", help="collect per-channel activation statistics to a file")
+    p.add_argument("model", help="local Hugging Face model directory")
+    common(p, True)
+    p.add_argument("--out", required=True, help="statistics file to write (.safetensors)")
+    runtime(p)
+    p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser("quantize", help="calibrate, smooth and quantize a model; save the W8A8 checkpoint")
+    p.add_argument("model", help="local Hugging Face model directory")
+    p.add_argument("out", help="output directory")
+    common(p, True)
+    p.add_argument("--alpha", help="migration strength in [0, 1], or 'auto' (default: the family's)")
+    p.add_argument("--scheme", default="W8A8", choices=("W8A8", "O1", "O2", "O3"))
+    p.add_argument("--weight", choices=("per_channel", "per_tensor"), help="override the scheme's weight granularity")
+    p.add_argument("--activation", choices=("per_token", "per_tensor", "static"), help="override the activation scheme")
+    p.add_argument("--include", action="append", default=[], help="only quantize modules matching (repeatable)")
+    p.add_argument("--exclude", action="append", default=["lm_head"], help="keep modules matching in floating point")
+    p.add_argument("--fp", action="append", default=[], help="set_local(PATTERN, 'fp'): a name pattern or class name")
+    p.add_argument("--no-smooth", action="store_true", help="quantize without smoothing (naive W8A8)")
+    p.add_argument("--fold-linear-pairs", action="store_true", help="also smooth v->o, up->down, fc1->fc2")
+    p.add_argument("--stats", help="use statistics from this file instead of calibrating")
+    p.add_argument("--save-stats", help="also write the calibration statistics to this file")
+    runtime(p)
+    p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("eval", help="perplexity, last-word accuracy and per-layer SQNR")
+    p.add_argument("model", help="a quantized checkpoint or a floating-point model directory")
+    p.add_argument("--reference", help="the floating-point model to compare with")
+    p.add_argument("--tokenizer", help="tokenizer directory (default: the model directory)")
+    p.add_argument("--ppl", help="local text file for perplexity")
+    p.add_argument("--lambada", help="local JSONL file ({'text': ...} per line) for last-word accuracy")
+    p.add_argument("--sqnr-data", help="local text file for the per-layer SQNR report (needs --reference)")
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--stride", type=int, help="sliding-window stride for perplexity (default: seq-len)")
+    p.add_argument("--max-windows", type=int)
+    p.add_argument("--max-samples", type=int)
+    p.add_argument("--json", help="also write the results to this JSON file")
+    runtime(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("info", help="describe a quantized checkpoint")
+    p.add_argument("checkpoint")
+    p.add_argument("--json", action="store_true", help="print the whole quantization config")
+    p.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, OSError) as exc:
+        print(f"sq-kernels {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

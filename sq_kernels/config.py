@@ -1,0 +1,198 @@
+"""``SmoothQuantConfig``: what to smooth, how hard, and how each linear is quantized.
+
+Schemes (all weights INT8 symmetric; the paper's Table 2 plus the robust default)::
+
+    preset   weight         activation
+    W8A8     per_channel    per_token   (dynamic)   the default: robust on every family
+    O1       per_tensor     per_token   (dynamic)
+    O2       per_tensor     per_tensor  (dynamic)
+    O3       per_tensor     static      (one per-tensor scale from calibration)
+
+``weight=`` / ``activation=`` override the preset's granularities. ``set_local`` gives one module
+(by name pattern) or one module type (by class name) its own scheme, or keeps it in floating point,
+like Neural Compressor's ``set_local``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Any
+
+WEIGHT_GRANULARITIES = ("per_channel", "per_tensor")
+ACTIVATION_SCHEMES = ("per_token", "per_tensor", "static")
+SCHEMES = {
+    "W8A8": ("per_channel", "per_token"),
+    "O1": ("per_tensor", "per_token"),
+    "O2": ("per_tensor", "per_tensor"),
+    "O3": ("per_tensor", "static"),
+}
+FP = "fp"  # set_local value: keep the module in floating point
+DEFAULT_ALPHA_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9)
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """How one module is quantized: ``weight`` granularity and ``activation`` scheme."""
+    weight: str = "per_channel"
+    activation: str = "per_token"
+
+    def __post_init__(self):
+        if self.weight not in WEIGHT_GRANULARITIES:
+            raise ValueError(f"weight granularity must be one of {WEIGHT_GRANULARITIES}, got {self.weight!r}")
+        if self.activation not in ACTIVATION_SCHEMES:
+            raise ValueError(f"activation scheme must be one of {ACTIVATION_SCHEMES}, got {self.activation!r}")
+
+    def __str__(self) -> str:
+        act = "static per-tensor" if self.activation == "static" else f"dynamic {self.activation}"
+        return f"w8 {self.weight.replace('_', '-')} / a8 {act.replace('_', '-')}"
+
+
+def check_alpha(alpha, what: str = "alpha") -> None:
+    """Reject an alpha outside [0, 1] (or a non-number) with a ValueError naming it."""
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise ValueError(f"{what} must be a number in [0, 1] or 'auto', got {alpha!r}")
+    if not (0.0 <= float(alpha) <= 1.0):
+        raise ValueError(f"{what} must lie in [0, 1] (the migration strength), got {alpha}")
+
+
+@dataclass
+class SmoothQuantConfig:
+    """Everything ``smoothquant`` / ``smooth_`` / ``quantize_`` need to know.
+
+    Attributes:
+        alpha: migration strength in [0, 1]; ``None`` uses the family's default; ``"auto"`` searches
+            ``alpha_grid`` per decoder layer on calibration data (minimising the quantized layer's
+            output error against the floating-point layer).
+        alpha_grid: the candidates of the ``"auto"`` search.
+        alpha_search_batches: how many calibration batches the ``"auto"`` search evaluates per layer.
+        scheme: a preset, ``"W8A8"`` (default), ``"O1"``, ``"O2"`` or ``"O3"`` (see module docstring).
+        weight: overrides the preset's weight granularity (``"per_channel"`` / ``"per_tensor"``).
+        activation: overrides the preset's activation scheme (``"per_token"`` / ``"per_tensor"`` /
+            ``"static"``).
+        include: fnmatch patterns on module names; only matching linears are quantized.
+        exclude: fnmatch patterns on module names kept in floating point (``lm_head`` by default).
+        local: per-module rules, applied in order (later wins): ``{pattern or class name: "fp" or
+            {"weight": ..., "activation": ...}}``; fill it with ``set_local``.
+        smooth: False quantizes without smoothing (naive W8A8).
+        fold_linear_pairs: also smooth the linears that have no norm in front by folding ``s`` into
+            the linear that produces their input (up -> down, OPT fc1 -> fc2 through ReLU, v -> o
+            without grouped-query attention).
+        family: a ``sq_kernels.families.FamilySpec`` to use instead of the registered table.
+        num_samples / seq_len / batch_size: calibration data (samples of ``seq_len`` tokens).
+        progress: show tqdm progress bars.
+    """
+    alpha: float | str | None = None
+    alpha_grid: tuple[float, ...] = DEFAULT_ALPHA_GRID
+    alpha_search_batches: int = 8
+    scheme: str = "W8A8"
+    weight: str | None = None
+    activation: str | None = None
+    include: tuple[str, ...] = ("*",)
+    exclude: tuple[str, ...] = ("lm_head",)
+    local: dict[str, Any] = field(default_factory=dict)
+    smooth: bool = True
+    fold_linear_pairs: bool = False
+    family: Any = None
+    num_samples: int = 128
+    seq_len: int = 512
+    batch_size: int = 1
+    progress: bool = True
+
+    def __post_init__(self):
+        self.include = tuple(self.include)
+        self.exclude = tuple(self.exclude)
+        self.alpha_grid = tuple(float(a) for a in self.alpha_grid)
+        self.validate()
+
+    def validate(self) -> "SmoothQuantConfig":
+        if self.alpha is not None and self.alpha != "auto":
+            check_alpha(self.alpha)
+        if not self.alpha_grid:
+            raise ValueError("alpha_grid must not be empty")
+        for a in self.alpha_grid:
+            check_alpha(a, "every alpha_grid value")
+        if self.scheme not in SCHEMES:
+            raise ValueError(f"scheme must be one of {sorted(SCHEMES)}, got {self.scheme!r}")
+        self.default_scheme()  # validates weight / activation overrides
+        for key, value in self.local.items():
+            _check_local(key, value)
+        for name in ("num_samples", "seq_len", "batch_size", "alpha_search_batches"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        return self
+
+    def default_scheme(self) -> Scheme:
+        weight, activation = SCHEMES[self.scheme]
+        return Scheme(self.weight or weight, self.activation or activation)
+
+    def set_local(self, pattern: str, scheme: str | dict | Scheme | None = None, **overrides) -> "SmoothQuantConfig":
+        """Give modules matching ``pattern`` (fnmatch on the name, or a class name such as ``"Linear"``)
+        their own treatment: ``"fp"`` keeps them in floating point; a dict / ``Scheme`` / keyword
+        arguments (``weight=``, ``activation=``) change their scheme. Returns ``self``."""
+        if scheme is None:
+            scheme = dict(overrides)
+        elif overrides:
+            raise ValueError("set_local: pass either a scheme or keyword overrides, not both")
+        if isinstance(scheme, Scheme):
+            scheme = dataclasses.asdict(scheme)
+        _check_local(pattern, scheme)
+        self.local[pattern] = scheme
+        return self
+
+    def resolve(self, name: str, module) -> Scheme | str:
+        """The scheme for module ``name``, or a reason string when it stays in floating point."""
+        if not any(fnmatch.fnmatchcase(name, p) for p in self.include):
+            return f"not matched by include={list(self.include)}"
+        for pattern in self.exclude:
+            if fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, "*." + pattern):
+                return f"excluded by pattern {pattern!r}"
+        scheme = self.default_scheme()
+        reason = None
+        for key, value in self.local.items():
+            if _local_matches(key, name, module):
+                if value == FP:
+                    reason = f"kept in floating point by set_local({key!r}, 'fp')"
+                else:
+                    reason = None
+                    scheme = Scheme(value.get("weight", scheme.weight), value.get("activation", scheme.activation))
+        return reason if reason is not None else scheme
+
+    def needs_static_scales(self) -> bool:
+        if self.default_scheme().activation == "static":
+            return True
+        return any(v != FP and v.get("activation") == "static" for v in self.local.values())
+
+    def to_dict(self) -> dict:
+        """A JSON-serialisable form (the family table is recorded by name only)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "family"}
+        out["include"], out["exclude"], out["alpha_grid"] = list(self.include), list(self.exclude), list(self.alpha_grid)
+        out["family"] = getattr(self.family, "name", None)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "SmoothQuantConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"SmoothQuantConfig: unknown fields {unknown}")
+        data = {k: v for k, v in data.items() if k != "family"}
+        return cls(**data)
+
+
+def _check_local(key, value) -> None:
+    if not isinstance(key, str) or not key:
+        raise ValueError(f"set_local: the pattern must be a non-empty string, got {key!r}")
+    if value == FP:
+        return
+    if not isinstance(value, dict) or not value or set(value) - {"weight", "activation"}:
+        raise ValueError(f"set_local({key!r}): the value must be 'fp' or a dict with 'weight' and/or "
+                         f"'activation', got {value!r}")
+    Scheme(value.get("weight", "per_channel"), value.get("activation", "per_token"))
+
+
+def _local_matches(key: str, name: str, module) -> bool:
+    if fnmatch.fnmatchcase(name, key):
+        return True
+    return module is not None and any(cls.__name__ == key for cls in type(module).__mro__)

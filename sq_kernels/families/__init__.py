@@ -1,0 +1,150 @@
+"""Per-family smoothing tables and their registry.
+
+A family is a small table (``FamilySpec``): where the decoder layers live, which norm feeds which
+linears (``SmoothGroup``), the default alpha, modules that must stay in floating point (routers), and a
+check that refuses configurations SmoothQuant cannot smooth (post-LN). One file per family, imported
+only when a model of that family is seen, so an old or new ``transformers`` never breaks an import.
+Adding a family is adding a table: ``register_family(spec)`` or ``SmoothQuantConfig(family=spec)``.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Callable
+
+# model_type (HF config.model_type) -> module holding SPEC; imported lazily.
+_REGISTRY: dict[str, str] = {
+    "opt": "sq_kernels.families.opt",
+    "llama": "sq_kernels.families.llama",
+    "mistral": "sq_kernels.families.mistral",
+    "mixtral": "sq_kernels.families.mixtral",
+    "bloom": "sq_kernels.families.bloom",
+    "falcon": "sq_kernels.families.falcon",
+    "qwen2": "sq_kernels.families.qwen2",
+}
+_USER: dict[str, "FamilySpec"] = {}
+
+
+@dataclass(frozen=True)
+class SmoothGroup:
+    """One smoothing vector ``s``: ``source``'s output feeds every module in ``targets``.
+
+    ``source`` is a norm (its weight, and bias if any, are divided by ``s``) or, for ``kind="linear"``, a
+    linear whose output rows (and bias) are divided by ``s``. Each target's input-channel weights
+    (``nn.Linear.weight [N, K]``, a router ``weight [E, K]``, fused experts ``gate_up_proj [E, 2I, K]``)
+    are multiplied by ``s``. Paths are relative to one decoder layer.
+
+    ``when`` (config -> bool) enables the group for some configurations only (Falcon's variants).
+    """
+    source: str
+    targets: tuple[str, ...]
+    kind: str = "norm"
+    when: Callable | None = None
+    note: str = ""
+
+    def applies(self, config) -> bool:
+        return self.when is None or bool(self.when(config))
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """The smoothing table of one model family.
+
+    Attributes:
+        name: family name shown to users.
+        model_types: HF ``config.model_type`` values it covers.
+        layers: dotted path of the decoder-layer ``ModuleList`` from the top-level model.
+        groups: norm -> linears groups (always smoothed).
+        linear_pairs: linear -> linear groups (smoothed with ``fold_linear_pairs=True``).
+        default_alpha: the paper's / reference code's alpha for the family.
+        keep_fp: fnmatch patterns (relative to a layer) of modules never quantized, with why.
+        experts: paths (relative to a layer) of fused MoE expert modules (quantized as ``W8A8Experts``).
+        refuse: config -> reason string when this configuration cannot be smoothed (post-LN), else None.
+    """
+    name: str
+    model_types: tuple[str, ...]
+    layers: str
+    groups: tuple[SmoothGroup, ...]
+    default_alpha: float
+    linear_pairs: tuple[SmoothGroup, ...] = ()
+    keep_fp: tuple[tuple[str, str], ...] = ()
+    experts: tuple[str, ...] = ()
+    refuse: Callable | None = None
+    description: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def refusal(self, config) -> str | None:
+        return self.refuse(config) if self.refuse is not None else None
+
+    def active_groups(self, config, fold_linear_pairs: bool = False) -> list[SmoothGroup]:
+        groups = [g for g in self.groups if g.applies(config)]
+        if fold_linear_pairs:
+            groups += [g for g in self.linear_pairs if g.applies(config)]
+        return groups
+
+
+def register_family(spec: FamilySpec) -> None:
+    """Register a user table for its ``model_types`` (it takes precedence over the built-in ones)."""
+    if not isinstance(spec, FamilySpec):
+        raise ValueError(f"register_family expects a FamilySpec, got {type(spec).__name__}")
+    for model_type in spec.model_types:
+        _USER[model_type] = spec
+
+
+def supported_model_types() -> list[str]:
+    return sorted(set(_REGISTRY) | set(_USER))
+
+
+def supported_families_text() -> str:
+    return ("OPT (opt), Llama 1/2/3 (llama), Mistral (mistral), Mixtral (mixtral), BLOOM (bloom), "
+            "Falcon (falcon), Qwen2 (qwen2)" + (f"; registered: {sorted(_USER)}" if _USER else ""))
+
+
+class UnsupportedModelError(ValueError):
+    """The model's architecture has no smoothing table (the message lists the supported ones)."""
+
+
+def family_for_model_type(model_type: str) -> FamilySpec:
+    if model_type in _USER:
+        return _USER[model_type]
+    if model_type not in _REGISTRY:
+        raise UnsupportedModelError(
+            f"SmoothQuant has no smoothing table for model_type {model_type!r}. Supported: "
+            f"{supported_families_text()}. Pass your own table with SmoothQuantConfig(family=FamilySpec(...)) "
+            f"or sq_kernels.families.register_family, or quantize without smoothing (smooth=False).")
+    return importlib.import_module(_REGISTRY[model_type]).SPEC
+
+
+def family_of(model, override: FamilySpec | None = None) -> FamilySpec:
+    """The table for ``model`` (an HF ``PreTrainedModel``), or ``override`` when given."""
+    if override is not None:
+        if not isinstance(override, FamilySpec):
+            raise ValueError(f"family must be a sq_kernels.families.FamilySpec, got {type(override).__name__}")
+        return override
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type is None:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} is not a Hugging Face model with a config.model_type, so no smoothing "
+            f"table applies. Supported: {supported_families_text()}. Pass SmoothQuantConfig(family=...) "
+            f"or quantize without smoothing (smooth=False).")
+    return family_for_model_type(model_type)
+
+
+def get_submodule(root, path: str):
+    """``root.get_submodule(path)`` with an error that names what is missing."""
+    try:
+        return root.get_submodule(path) if path else root
+    except AttributeError as exc:
+        raise ValueError(f"{type(root).__name__} has no submodule {path!r} ({exc}); the smoothing table does "
+                         f"not match this model (another transformers version or a custom variant?)") from None
+
+
+def decoder_layers(model, spec: FamilySpec) -> list[tuple[str, object]]:
+    """``[(name, layer)]`` of the decoder layers named by ``spec.layers``."""
+    layers = get_submodule(model, spec.layers)
+    return [(f"{spec.layers}.{i}", layer) for i, layer in enumerate(layers)]
+
+
+__all__ = ["FamilySpec", "SmoothGroup", "register_family", "supported_model_types", "family_of",
+           "family_for_model_type", "UnsupportedModelError", "decoder_layers", "get_submodule"]

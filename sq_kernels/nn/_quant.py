@@ -1,0 +1,100 @@
+"""Quantization helpers shared by the W8A8 modules: weight quantization (offline, once) and the
+activation-quantize + INT8-GEMM + dequantize step of a forward (through ``sq_kernels.ops``).
+
+Math (symmetric INT8, matching ``sq_kernels.ops``)::
+
+    weight:     w_scale = max(amax(|w|), EPS) / 127     per output channel [N] or per tensor [1]
+                w_q     = clamp(rint(w / w_scale), -127, 127)
+    activation: per-token / per-tensor dynamic (scales computed from x in the op) or static
+                (x_scale = max(calibrated amax, EPS) / 127, a buffer)
+    output:     y = x_scale * (w_scale * (x_q @ w_q^T)) + bias
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import ops
+from ..ops.quant import EPS
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+ALIGN = 16
+
+
+def quantize_weight(w: torch.Tensor, granularity: str, what: str = "weight") -> tuple[torch.Tensor, torch.Tensor]:
+    """``w [..., N, K]`` float -> ``w_q`` int8 ``[..., N, K]`` and float32 ``w_scale`` ``[..., N]``
+    (per_channel) or ``[..., 1]`` (per_tensor: one scale per ``[N, K]`` matrix)."""
+    w32 = w.detach().to(torch.float32)
+    if not torch.isfinite(w32).all():
+        raise ValueError(f"{what} contains NaN or Inf; refusing to quantize it")
+    if granularity == "per_channel":
+        amax = w32.abs().amax(dim=-1)
+    elif granularity == "per_tensor":
+        amax = w32.abs().flatten(-2).amax(dim=-1, keepdim=True)
+    else:
+        raise ValueError(f"weight granularity must be 'per_channel' or 'per_tensor', got {granularity!r}")
+    scale = torch.clamp_min(amax, EPS) / 127.0
+    w_q = torch.clamp(torch.round(w32 / scale.unsqueeze(-1)), -127, 127).to(torch.int8)
+    return w_q.contiguous(), scale.contiguous()
+
+
+def static_scale(amax, what: str = "input_amax") -> torch.Tensor:
+    """A calibrated absolute maximum -> the float32 static activation scale ``max(amax, EPS) / 127``."""
+    amax = torch.as_tensor(amax, dtype=torch.float32).detach()
+    if not torch.isfinite(amax).all():
+        raise ValueError(f"{what} is not finite ({amax.flatten()[:4].tolist()}...): the calibration statistics "
+                         "are corrupt or the model overflowed during calibration")
+    if (amax < 0).any():
+        raise ValueError(f"{what} must be >= 0")
+    return (torch.clamp_min(amax, EPS) / 127.0).reshape(-1).contiguous()
+
+
+def quantize_activation(x: torch.Tensor, activation: str, input_scale: torch.Tensor | None):
+    """``x [..., K]`` float -> ``x_q`` int8 ``[..., K]`` and ``x_scale`` float32 (``[...]`` per token, ``[1]`` otherwise)."""
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    if activation == "per_token":
+        return ops.quantize_per_token(x)
+    if activation == "per_tensor":
+        return ops.quantize_per_tensor(x)
+    return ops.quantize_per_tensor(x, input_scale)
+
+
+def int8_linear(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
+                bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """``x_scale * (w_scale * (x_q @ w_q^T)) + bias`` in ``out_dtype``.
+
+    fp16 / bf16: one fused ``ops.scaled_mm`` (the CUDA kernel's epilogue). float32 (CPU runs): the
+    exact ``ops.int8_mm`` then the same order of operations in torch.
+    """
+    if out_dtype in (torch.float16, torch.bfloat16):
+        return ops.scaled_mm(x_q, w_q, x_scale, w_scale, bias, out_dtype=out_dtype)
+    acc = ops.int8_mm(x_q, w_q).to(torch.float32)
+    t = w_scale * acc
+    # per-token scales have shape x_q.shape[:-1] and need a trailing axis; a per-tensor [1] broadcasts as is
+    y = (x_scale.unsqueeze(-1) if x_scale.shape == x_q.shape[:-1] else x_scale) * t
+    if bias is not None:
+        y = y + bias
+    return y
+
+
+def check_input(name: str, x, in_features: int) -> None:
+    if not isinstance(x, torch.Tensor) or x.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name}: input must be a float16, bfloat16 or float32 tensor, got "
+                         f"{getattr(x, 'dtype', type(x).__name__)}")
+    if x.dim() < 1 or x.shape[-1] != in_features:
+        raise ValueError(f"{name}: input must have shape [..., {in_features}], got {tuple(x.shape)}")
+
+
+class KeepFloat32Buffers:
+    """Mixin: ``model.half()`` / ``.to(dtype)`` move the scale and bias buffers to the new device but keep
+    them float32 (the ops take float32 scales; a round trip through fp16 would also change them)."""
+    FLOAT32_BUFFERS: tuple[str, ...] = ()
+
+    def _apply(self, fn, recurse=True):
+        kept = {n: self._buffers[n] for n in self.FLOAT32_BUFFERS if self._buffers.get(n) is not None}
+        super()._apply(fn, recurse)
+        for name, original in kept.items():
+            moved = self._buffers[name]
+            if moved.dtype != torch.float32:
+                self._buffers[name] = original.to(device=moved.device)
+        return self

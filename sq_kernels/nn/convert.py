@@ -1,0 +1,152 @@
+"""Swapping floating-point modules for W8A8 ones: plan, build, swap.
+
+``plan_conversion`` decides for every candidate (each ``nn.Linear``, each fused experts module) either a
+``Scheme`` or the reason it stays in floating point (include/exclude patterns, ``set_local`` rules, the
+family's keep-FP list, the kernels' 16-alignment). ``build_modules`` quantizes every planned module
+without touching the model; ``swap_modules`` then installs them. A failure while building therefore
+leaves the model exactly as it was.
+"""
+from __future__ import annotations
+
+import fnmatch
+import warnings
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from ..config import Scheme, SmoothQuantConfig
+from .experts import W8A8Experts, fused_experts_problem
+from .linear import W8A8Linear, check_linear_shape
+
+
+@dataclass
+class PlanEntry:
+    name: str
+    module: nn.Module
+    kind: str                      # "linear" | "experts"
+    scheme: Scheme | None = None   # None: stays in floating point
+    reason: str | None = None      # why it stays in floating point
+
+
+@dataclass
+class ConversionPlan:
+    entries: list[PlanEntry] = field(default_factory=list)
+
+    @property
+    def converted(self) -> list[PlanEntry]:
+        return [e for e in self.entries if e.scheme is not None]
+
+    @property
+    def kept(self) -> list[PlanEntry]:
+        return [e for e in self.entries if e.scheme is None]
+
+
+def _is_fused_experts(module) -> bool:
+    gate_up, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
+    return getattr(gate_up, "dim", lambda: 0)() == 3 and getattr(down, "dim", lambda: 0)() == 3
+
+
+def candidates(root: nn.Module, prefix: str = ""):
+    """``(name, module, kind)`` for every module W8A8 can replace, plus already-quantized ones (kind
+    ``"quantized"``)."""
+    for name, module in root.named_modules():
+        full = f"{prefix}.{name}" if prefix and name else (prefix or name)
+        if isinstance(module, (W8A8Linear, W8A8Experts)):
+            yield full, module, "quantized"
+        elif isinstance(module, nn.Linear):
+            yield full, module, "linear"
+        elif _is_fused_experts(module):
+            yield full, module, "experts"
+
+
+def family_keep_fp(spec) -> list[tuple[str, str]]:
+    """The family's keep-FP patterns as full-name patterns with their reasons."""
+    if spec is None:
+        return []
+    return [(f"{spec.layers}.*.{pattern}", reason) for pattern, reason in spec.keep_fp]
+
+
+def plan_conversion(root: nn.Module, config: SmoothQuantConfig, stats=None, spec=None, prefix: str = "") -> ConversionPlan:
+    """Decide what happens to every candidate module of ``root`` (names prefixed with ``prefix``)."""
+    plan = ConversionPlan()
+    keep = family_keep_fp(spec)
+    missing = []
+    for name, module, kind in candidates(root, prefix):
+        if kind == "quantized":
+            plan.entries.append(PlanEntry(name, module, kind, None, "already quantized"))
+            continue
+        resolved = config.resolve(name, module)
+        if isinstance(resolved, Scheme):
+            for pattern, why in keep:
+                if fnmatch.fnmatchcase(name, pattern) and not _explicitly_local(config, name, module):
+                    resolved = f"kept in floating point: {why}"
+        if isinstance(resolved, Scheme):
+            problem = (check_linear_shape(module.in_features, module.out_features, name) if kind == "linear"
+                       else fused_experts_problem(module))
+            if problem:
+                resolved = problem
+        if isinstance(resolved, Scheme) and resolved.activation == "static":
+            needed = [name] + ([name + "::down_proj"] if kind == "experts" else [])
+            if stats is None or any(n not in stats for n in needed):
+                missing.append(name)
+        entry = PlanEntry(name, module, kind, resolved if isinstance(resolved, Scheme) else None,
+                          None if isinstance(resolved, Scheme) else resolved)
+        plan.entries.append(entry)
+    if missing:
+        raise ValueError(f"the static activation scheme needs calibration statistics for {len(missing)} module(s) "
+                         f"without them, e.g. {missing[:4]}: pass stats= (collect_act_stats on this model; after "
+                         f"smoothing use the statistics smooth_ returns), or choose a dynamic scheme")
+    return plan
+
+
+def _explicitly_local(config: SmoothQuantConfig, name: str, module) -> bool:
+    """A set_local rule with a scheme that names this module (by name pattern, not by type) overrides the
+    family's keep-FP list."""
+    return any(v != "fp" and fnmatch.fnmatchcase(name, k) for k, v in config.local.items())
+
+
+def build_module(entry: PlanEntry, stats=None) -> nn.Module:
+    """The W8A8 replacement for one planned entry (the source module is not modified)."""
+    s = entry.scheme
+    if entry.kind == "linear":
+        amax = stats.per_tensor_absmax(entry.name) if s.activation == "static" else None
+        return W8A8Linear.from_linear(entry.module, s.weight, s.activation, input_amax=amax, name=entry.name)
+    amax = down = None
+    if s.activation == "static":
+        amax, down = stats.per_tensor_absmax(entry.name), stats.expert_down_absmax(entry.name)
+    return W8A8Experts.from_experts(entry.module, s.weight, s.activation, input_amax=amax, down_input_amax=down,
+                                    name=entry.name)
+
+
+def build_modules(plan: ConversionPlan, stats=None, progress: bool = False, desc: str = "quantizing") -> dict[str, nn.Module]:
+    entries = plan.converted
+    if progress:
+        from tqdm.auto import tqdm
+        entries = tqdm(entries, desc=desc, unit="module")
+    return {e.name: build_module(e, stats) for e in entries}
+
+
+def swap_modules(root: nn.Module, new_modules: dict[str, nn.Module], prefix: str = "") -> list[str]:
+    """Install ``new_modules`` (full names, ``prefix`` stripped to address ``root``); returns the names
+    swapped, in order. On failure the exception says which were already swapped."""
+    done = []
+    try:
+        for name, module in new_modules.items():
+            rel = name[len(prefix) + 1:] if prefix else name
+            parent_name, _, child = rel.rpartition(".")
+            parent = root.get_submodule(parent_name) if parent_name else root
+            setattr(parent, child, module)
+            done.append(name)
+    except Exception as exc:
+        raise RuntimeError(f"swapping in the W8A8 modules failed at {name!r} after {len(done)} of "
+                           f"{len(new_modules)} were installed ({done[:8]}{'...' if len(done) > 8 else ''}): {exc}") from exc
+    return done
+
+
+def warn_kept(plan: ConversionPlan) -> None:
+    """Warn about every module left in floating point for a reason other than the user's own choice."""
+    unaligned = [e for e in plan.kept if "multiple of" in (e.reason or "") or "not supported" in (e.reason or "")]
+    if unaligned:
+        lines = "\n  ".join(f"{e.name}: {e.reason}" for e in unaligned[:20])
+        warnings.warn(f"{len(unaligned)} module(s) stay in floating point because the INT8 kernels cannot run them:\n  "
+                      f"{lines}", stacklevel=3)

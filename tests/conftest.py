@@ -1,0 +1,126 @@
+"""Shared fixtures for the CPU tests: tiny models of every supported family, built from ``transformers``
+configs (hidden sizes multiples of 16), with planted activation outliers, and a character-level tokenizer
+built locally (nothing is downloaded)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+VOCAB = 128
+OUTLIER_CHANNELS = (3, 17, 42)   # norm channels scaled up, as in real LLMs (a few, persistent across tokens)
+OUTLIER_FACTOR = 40.0
+
+FAMILIES = ("opt", "llama", "mistral", "mixtral", "bloom", "falcon", "qwen2")
+
+
+def tiny_config(family: str, **overrides):
+    """A 2-layer, hidden-64 config of ``family`` (every linear dimension a multiple of 16)."""
+    import transformers as T
+    common = dict(vocab_size=VOCAB, initializer_range=0.08)
+    if family == "opt":
+        cfg = T.OPTConfig(hidden_size=64, ffn_dim=256, num_hidden_layers=2, num_attention_heads=4,
+                          max_position_embeddings=128, word_embed_proj_dim=64, init_std=0.08, **common)
+    elif family == "llama":
+        cfg = T.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=4, max_position_embeddings=128, **common)
+    elif family == "mistral":
+        cfg = T.MistralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                              num_key_value_heads=2, max_position_embeddings=128, **common)
+    elif family == "mixtral":
+        cfg = T.MixtralConfig(hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                              max_position_embeddings=128, **common)
+    elif family == "bloom":
+        cfg = T.BloomConfig(hidden_size=64, n_layer=2, n_head=4, **common)
+    elif family == "falcon":
+        cfg = T.FalconConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, **common)
+    elif family == "qwen2":
+        cfg = T.Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2, max_position_embeddings=128, **common)
+    else:
+        raise ValueError(family)
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def plant_outliers(model, factor: float = OUTLIER_FACTOR, channels=OUTLIER_CHANNELS) -> None:
+    """Scale a few channels of every norm that feeds linears (the smoothing sources) by ``factor``, so the
+    linears' inputs carry ``factor``-times outlier channels on every token, and scale the consumers' weight
+    columns of those channels down by ``sqrt(factor)``: as in trained LLMs, an outlier channel's share of
+    the output stays moderate (without this a random model's attention scores would be dominated by it)."""
+    from sq_kernels.families import decoder_layers, family_of, get_submodule
+    spec = family_of(model)
+    channels = list(channels)
+    with torch.no_grad():
+        for _, layer in decoder_layers(model, spec):
+            for group in spec.active_groups(model.config):
+                get_submodule(layer, group.source).weight[channels] *= factor
+                for target in group.targets:
+                    module = get_submodule(layer, target)
+                    weight = module.gate_up_proj if hasattr(module, "gate_up_proj") else module.weight
+                    weight[..., channels] /= math.sqrt(factor)
+
+
+def make_model(family: str, seed: int = 0, outliers: bool = True, dtype=torch.float32, **overrides):
+    """A tiny random ``*ForCausalLM`` of ``family`` in eval mode, with planted outliers."""
+    import transformers
+    torch.manual_seed(seed)
+    cfg = tiny_config(family, **overrides)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).to(dtype).eval()
+    if outliers:
+        plant_outliers(model)
+    return model
+
+
+def calib_tokens(n: int = 8, length: int = 32, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, VOCAB, (n, length), generator=g)
+
+
+def sqnr(ref: torch.Tensor, test: torch.Tensor) -> float:
+    ref, test = ref.double(), test.double()
+    err = (ref - test).norm()
+    return math.inf if err == 0 else float(20 * torch.log10(ref.norm() / err))
+
+
+def char_tokenizer():
+    """A local character-level ``PreTrainedTokenizerFast`` (ids < VOCAB)."""
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for c in [chr(i) for i in range(32, 127)] + ["\n"]:
+        vocab.setdefault(c, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
+                                                eos_token="</s>")
+
+
+TEXT = ("the quick brown fox jumps over the lazy dog. a smooth sea never made a skilled sailor. "
+        "measure twice and cut once. the early bird catches the worm. all that glitters is not gold. ") * 6
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test with one intra-op thread: the tiny models' ops take microseconds, and on a small, busy CI
+    machine a second OpenMP thread makes every op wait for a descheduled worker (100-1000x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return char_tokenizer()
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    path = tmp_path / "calib.txt"
+    path.write_text(TEXT, encoding="utf-8")
+    return path

@@ -362,6 +362,11 @@ def scaled_mm_bad_inputs(device, other_device):
         ("k_unaligned", dict(a=lambda b: b["a"][:, :40].contiguous(), w=lambda b: b["w"][:, :40].contiguous()),
          ["K"], both),
         ("k_zero", dict(a=lambda b: b["a"][:, :0].contiguous(), w=lambda b: b["w"][:, :0].contiguous()), ["K"], both),
+        ("k_overflows_int32", dict(a=lambda b: torch.ones(4, 131072, dtype=torch.int8, device=d),
+                                   w=lambda b: torch.ones(32, 131072, dtype=torch.int8, device=d)), ["K"], both),
+        ("a_scale_python_float", dict(a_scale=lambda b: 0.5), ["a_scale"], wrapper_only),
+        ("w_rows_overlap", dict(w=lambda b: torch.ones(560, dtype=torch.int8, device=d).as_strided((32, 64), (16, 1))),
+         ["w"], both),
         ("n_unaligned", dict(w=lambda b: b["w"][:24].contiguous(), w_scale=lambda b: b["w_scale"][:24].contiguous()),
          ["N"], both),
         ("a_transposed", dict(a=lambda b: b["a"].t().contiguous().t()), ["a"], both),
@@ -454,9 +459,7 @@ _CPU_INT8 = int8_mm_bad_inputs("cpu", "meta")
 
 
 # Known gaps in sq_kernels/ops/gemm.py, strict so that the fix turns them into failures to remove from here.
-KNOWN_GAPS = {
-    ("k_zero", "wrapper"): "the wrapper's a_q.reshape(-1, 0) raises an unclear RuntimeError before the K check",
-}
+KNOWN_GAPS: dict = {}
 
 
 def with_paths(table):

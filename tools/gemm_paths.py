@@ -18,7 +18,7 @@ from _timing import copies_for, time_cuda  # noqa: E402
 import sq_kernels  # noqa: E402
 from sq_kernels.ops.gemm import _scaled_mm_reference  # noqa: E402
 
-PATHS = {"auto": 0, "small_m": 1, "sm90_64": 2, "sm90_128": 3, "sm90_256": 4, "sm80": 5}
+PATHS = {"auto": 0, "small_m": 1, "small_u2": 6, "sm90_64": 2, "sm90_128": 3, "sm90_256": 4, "sm80": 5}
 
 
 def main() -> None:
@@ -50,7 +50,7 @@ def main() -> None:
             bias = torch.randn(n, device=dev)
             ref = _scaled_mm_reference(a.cpu(), w.cpu(), sa.cpu(), sw.cpu(), bias.cpu(), torch.float16, None, False)
             for name, path in paths.items():
-                if name == "small_m" and m > 32:
+                if name.startswith("small") and m > 32:
                     continue
                 op = torch.ops._sq_kernels_C.scaled_mm_path
                 try:

@@ -52,11 +52,17 @@ enum class GemmPath : int {
   kSm90Tile128 = 3,  // sm90/: 128x128x128 cooperative, cluster 1x2
   kSm90Tile256 = 4,  // sm90/: 128x256x128 cooperative, cluster 2x1
   kSm80 = 5,       // sm80/: CUTLASS 2.x, tile chosen by M
+  kSmallMUnroll2 = 6,  // small-M kernel with 2 K chunks in flight instead of 4 (tuning comparison)
 };
 
 // Every function returns nullptr on success or a static, human-readable error message.
-const char* small_m_gemm(const ScaledMMParams& p);
+// unroll: K chunks in flight per warp (4 default, 2 for comparison).
+const char* small_m_gemm(const ScaledMMParams& p, int unroll = 4);
 constexpr int64_t kSmallMMax = 32;
+// Under GemmPath::kAuto the small-M kernel serves M <= this (sm_90: from M = 9 the 64-row wgmma
+// tile is as fast; sm_8x: the CUTLASS 2.x tiles are slower than it up to M = 32).
+constexpr int64_t kSmallMAutoSm90 = 8;
+constexpr int64_t kSmallMAutoSm80 = 32;
 
 // Defined only when their family is compiled (SQK_HAS_SM90 / SQK_HAS_SM80 in the entry points).
 const char* sm90_gemm(const ScaledMMParams& p, GemmPath path);

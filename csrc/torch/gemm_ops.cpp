@@ -4,8 +4,9 @@
 //   _sq_kernels_C::scaled_mm_path(..., int path)                 -> the same with a forced kernel
 //                                                                   (tests and benchmarks; see GemmPath)
 // Dispatch under GemmPath::kAuto:
-//   M <= 32           small-M kernel (common/, every sm_80+ GPU): decode is a stream over the weight
-//   sm_90, M > 32     CUTLASS 3.x wgmma kernels (sm90/dispatch.cu picks the tile by M)
+//   sm_90, M <= 8     small-M kernel (common/): decode is a stream over the weight
+//   sm_90, M > 8      CUTLASS 3.x wgmma kernels (sm90/dispatch.cu picks the tile by M and size)
+//   sm_8x, M <= 32    small-M kernel
 //   sm_8x, M > 32     CUTLASS 2.x kernels (sm80/dispatch.cu)
 #include <torch/library.h>
 
@@ -21,8 +22,9 @@ void check_operand(const char* op, const char* arg, const at::Tensor& t, const c
   check_dim(op, arg, t, 2, shape);
   TORCH_CHECK_VALUE(t.numel() == 0 || t.stride(1) == 1, op, ": ", arg,
                     " must be row-major with contiguous K (stride(1) == 1), got strides ", t.strides());
-  TORCH_CHECK_VALUE(t.numel() == 0 || t.size(0) <= 1 || t.stride(0) % 16 == 0, op, ": ", arg, "'s row stride ",
-                    t.stride(0), " must be a multiple of 16");
+  TORCH_CHECK_VALUE(t.numel() == 0 || t.size(0) <= 1 || (t.stride(0) % 16 == 0 && t.stride(0) >= t.size(1)), op,
+                    ": ", arg, "'s row stride ", t.stride(0), " must be a multiple of 16 and at least K = ", t.size(1),
+                    " (rows may not overlap)");
   check_aligned(op, arg, t, 16);
 }
 
@@ -70,6 +72,8 @@ at::Tensor run_gemm(const at::Tensor& a, const at::Tensor& w, const c10::optiona
                     ": K differs");
   TORCH_CHECK_VALUE(k > 0, op, ": K must be positive, got K = 0");
   TORCH_CHECK_VALUE(k % 16 == 0, op, ": K = ", k, " must be a multiple of 16 (16-byte rows); pad the input features");
+  TORCH_CHECK_VALUE(k <= 131071, op, ": K = ", k,
+                    " is too large: the int32 accumulator can overflow beyond K = 131071");
   TORCH_CHECK_VALUE(n % 16 == 0, op, ": N = ", n, " must be a multiple of 16; pad the output features");
   TORCH_CHECK_VALUE(m <= INT32_MAX && n <= INT32_MAX && k <= INT32_MAX, op, ": sizes must fit in int32");
   const OutType out_type = out_type_of(out_dtype);
@@ -120,7 +124,7 @@ at::Tensor run_gemm(const at::Tensor& a, const at::Tensor& w, const c10::optiona
   }
 
   if (path == GemmPath::kAuto) {
-    if (m <= kSmallMMax) {
+    if (m <= (sm == 90 ? kSmallMAutoSm90 : kSmallMAutoSm80)) {
       path = GemmPath::kSmallM;
     } else if (sm == 90) {
 #ifdef SQK_HAS_SM90
@@ -134,13 +138,13 @@ at::Tensor run_gemm(const at::Tensor& a, const at::Tensor& w, const c10::optiona
   }
 
   const char* err = nullptr;
-  if (path == GemmPath::kSmallM) {
+  if (path == GemmPath::kSmallM || path == GemmPath::kSmallMUnroll2) {
     TORCH_CHECK_VALUE(m <= kSmallMMax, op, ": the small-M kernel takes M <= ", kSmallMMax, ", got M = ", m);
     if (scaled) {
       p.a_scale = a_scale_v.data_ptr<float>();
       p.w_scale = w_scale_v.data_ptr<float>();
     }
-    err = small_m_gemm(p);
+    err = small_m_gemm(p, path == GemmPath::kSmallMUnroll2 ? 2 : 4);
   } else if (path == GemmPath::kSm80) {
 #ifdef SQK_HAS_SM80
     TORCH_CHECK(sm >= 80 && sm <= 90, op, ": the CUTLASS 2.x path runs on sm_80..sm_90, this GPU is sm_", sm);
@@ -189,7 +193,8 @@ at::Tensor scaled_mm_path(const at::Tensor& a, const at::Tensor& w, const c10::o
                           const c10::optional<at::Tensor>& w_scale, const c10::optional<at::Tensor>& bias,
                           at::ScalarType out_dtype, const c10::optional<at::Tensor>& out_scale, bool relu,
                           int64_t path) {
-  TORCH_CHECK_VALUE(path >= 0 && path <= static_cast<int64_t>(GemmPath::kSm80), "scaled_mm_path: path must be 0..5");
+  TORCH_CHECK_VALUE(path >= 0 && path <= static_cast<int64_t>(GemmPath::kSmallMUnroll2),
+                    "scaled_mm_path: path must be 0..6");
   return run_gemm(a, w, a_scale, w_scale, bias, out_dtype, out_scale, relu, static_cast<GemmPath>(path),
                   "scaled_mm_path");
 }

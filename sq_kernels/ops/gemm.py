@@ -22,6 +22,7 @@ import torch
 from ._library import define, op
 
 ALIGN = 16
+MAX_K = 131071  # the int32 accumulator holds K * 128 * 128 only up to this K
 OUT_DTYPES = (torch.float16, torch.bfloat16, torch.int8)
 
 
@@ -47,13 +48,16 @@ def check_operands(name: str, a: torch.Tensor, w: torch.Tensor) -> None:
         _fail(f"{name}: K must be positive, got K = 0")
     if k % ALIGN != 0:
         _fail(f"{name}: K = {k} must be a multiple of {ALIGN} (16-byte rows); pad the input features")
+    if k > MAX_K:
+        _fail(f"{name}: K = {k} is too large: the int32 accumulator can overflow beyond K = {MAX_K}")
     if n % ALIGN != 0:
         _fail(f"{name}: N = {n} must be a multiple of {ALIGN}; pad the output features")
     for arg, t in (("a", a), ("w", w)):
         if t.numel() and t.stride(1) != 1:
             _fail(f"{name}: {arg} must be row-major with contiguous K (stride(1) == 1), got strides {t.stride()}")
-        if t.numel() and t.shape[0] > 1 and t.stride(0) % ALIGN != 0:
-            _fail(f"{name}: {arg}'s row stride {t.stride(0)} must be a multiple of {ALIGN}")
+        if t.numel() and t.shape[0] > 1 and (t.stride(0) % ALIGN != 0 or t.stride(0) < t.shape[1]):
+            _fail(f"{name}: {arg}'s row stride {t.stride(0)} must be a multiple of {ALIGN} and at least K = "
+                  f"{t.shape[1]} (rows may not overlap)")
 
 
 def _check_vector(name: str, arg: str, t, length: int, what: str, device, dtypes=(torch.float32,)) -> None:
@@ -129,6 +133,13 @@ define("scaled_mm(Tensor a, Tensor w, Tensor a_scale, Tensor w_scale, Tensor? bi
 define("int8_mm(Tensor a, Tensor w) -> Tensor", _int8_mm_reference, _int8_mm_fake)
 
 
+def _check_wrapper_input(name: str, a_q) -> None:
+    if not isinstance(a_q, torch.Tensor) or a_q.dim() < 1:
+        _fail(f"{name}: a_q must be a tensor of shape [..., K], got {getattr(a_q, 'shape', type(a_q).__name__)}")
+    if a_q.shape[-1] == 0:
+        _fail(f"{name}: K must be positive, got a_q of shape {tuple(a_q.shape)}")
+
+
 def scaled_mm(a_q: torch.Tensor, w_q: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor,
               bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float16,
               out_scale: torch.Tensor | None = None, relu: bool = False) -> torch.Tensor:
@@ -147,8 +158,10 @@ def scaled_mm(a_q: torch.Tensor, w_q: torch.Tensor, a_scale: torch.Tensor, w_sca
     Returns:
         ``[..., N]`` in ``out_dtype``: ``a_scale * w_scale * (a_q @ w_q.T) (+ bias)``.
     """
-    if not isinstance(a_q, torch.Tensor) or a_q.dim() < 1:
-        _fail(f"scaled_mm: a_q must be a tensor of shape [..., K], got {getattr(a_q, 'shape', type(a_q).__name__)}")
+    _check_wrapper_input("scaled_mm", a_q)
+    for arg, t in (("a_scale", a_scale), ("w_scale", w_scale)):
+        if not isinstance(t, torch.Tensor):
+            _fail(f"scaled_mm: {arg} must be a float32 tensor, got {type(t).__name__}")
     lead = a_q.shape[:-1]
     a2 = a_q.reshape(-1, a_q.shape[-1])
     if isinstance(a_scale, torch.Tensor) and a_scale.numel() != 1:
@@ -164,8 +177,7 @@ def scaled_mm(a_q: torch.Tensor, w_q: torch.Tensor, a_scale: torch.Tensor, w_sca
 
 def int8_mm(a_q: torch.Tensor, w_q: torch.Tensor) -> torch.Tensor:
     """Raw INT8 GEMM: int8 ``[..., K]`` x int8 ``[N, K]`` -> int32 ``[..., N]`` (exact, no scales)."""
-    if not isinstance(a_q, torch.Tensor) or a_q.dim() < 1:
-        _fail(f"int8_mm: a_q must be a tensor of shape [..., K], got {getattr(a_q, 'shape', type(a_q).__name__)}")
+    _check_wrapper_input("int8_mm", a_q)
     lead = a_q.shape[:-1]
     out = op("int8_mm")(a_q.reshape(-1, a_q.shape[-1]), w_q)
     return out.reshape(*lead, w_q.shape[0])

@@ -29,7 +29,6 @@ constexpr int kWarps = 8;
 constexpr int kThreads = kWarps * 32;
 constexpr int kRows = 16;     // weight rows (output channels) per CTA
 constexpr int kChunk = 128;   // K bytes one warp consumes per step (4 lanes x 32 bytes)
-constexpr int kUnroll = 2;    // K chunks whose loads are in flight together
 
 __device__ __forceinline__ void mma_s8(int (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
                                        uint32_t b0, uint32_t b1) {
@@ -52,8 +51,9 @@ __device__ __forceinline__ int8_t saturate_int8(float x) {
   return static_cast<int8_t>(r);
 }
 
-// MT: number of 8-token column tiles (M <= 8 * MT).
-template <int MT, OutType OT>
+// MT: number of 8-token column tiles (M <= 8 * MT). kUnroll: K chunks whose loads are in flight
+// together (more bytes in flight per warp hide more DRAM latency, at the cost of registers).
+template <int MT, int kUnroll, OutType OT>
 __global__ void __launch_bounds__(kThreads) small_m_gemm_kernel(const ScaledMMParams p) {
   __shared__ int partial[kWarps][kRows][MT * 8];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -136,14 +136,14 @@ __global__ void __launch_bounds__(kThreads) small_m_gemm_kernel(const ScaledMMPa
   }
 }
 
-template <int MT>
+template <int MT, int U>
 const char* launch(const ScaledMMParams& p) {
   const dim3 grid(static_cast<unsigned>(p.n / kRows), static_cast<unsigned>(p.batch));
   switch (p.out_type) {
-    case OutType::kFloat16: small_m_gemm_kernel<MT, OutType::kFloat16><<<grid, kThreads, 0, p.stream>>>(p); break;
-    case OutType::kBFloat16: small_m_gemm_kernel<MT, OutType::kBFloat16><<<grid, kThreads, 0, p.stream>>>(p); break;
-    case OutType::kInt8: small_m_gemm_kernel<MT, OutType::kInt8><<<grid, kThreads, 0, p.stream>>>(p); break;
-    case OutType::kInt32: small_m_gemm_kernel<MT, OutType::kInt32><<<grid, kThreads, 0, p.stream>>>(p); break;
+    case OutType::kFloat16: small_m_gemm_kernel<MT, U, OutType::kFloat16><<<grid, kThreads, 0, p.stream>>>(p); break;
+    case OutType::kBFloat16: small_m_gemm_kernel<MT, U, OutType::kBFloat16><<<grid, kThreads, 0, p.stream>>>(p); break;
+    case OutType::kInt8: small_m_gemm_kernel<MT, U, OutType::kInt8><<<grid, kThreads, 0, p.stream>>>(p); break;
+    case OutType::kInt32: small_m_gemm_kernel<MT, U, OutType::kInt32><<<grid, kThreads, 0, p.stream>>>(p); break;
   }
   const cudaError_t err = cudaGetLastError();
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
@@ -151,13 +151,18 @@ const char* launch(const ScaledMMParams& p) {
 
 }  // namespace
 
-const char* small_m_gemm(const ScaledMMParams& p) {
+const char* small_m_gemm(const ScaledMMParams& p, int unroll) {
   if (p.m < 1 || p.m > kSmallMMax) return "small-M GEMM: M must be in [1, 32]";
   if (p.n % kRows != 0 || p.k % 16 != 0) return "small-M GEMM: N and K must be multiples of 16";
   if (p.n / kRows > 0x7fffffff || p.batch > 65535) return "small-M GEMM: grid too large";
-  if (p.m <= 8) return launch<1>(p);
-  if (p.m <= 16) return launch<2>(p);
-  return launch<4>(p);
+  if (unroll == 2) {
+    if (p.m <= 8) return launch<1, 2>(p);
+    if (p.m <= 16) return launch<2, 2>(p);
+    return launch<4, 2>(p);
+  }
+  if (p.m <= 8) return launch<1, 4>(p);
+  if (p.m <= 16) return launch<2, 4>(p);
+  return launch<4, 2>(p);  // 4 token tiles x 4 chunks would not fit in registers
 }
 
 }  // namespace sqk

@@ -81,7 +81,7 @@ def calib_tokens(n: int = 8, length: int = 32, seed: int = 1) -> torch.Tensor:
 
 
 def sqnr(ref: torch.Tensor, test: torch.Tensor) -> float:
-    ref, test = ref.double(), test.double()
+    ref, test = ref.detach().double(), test.detach().double()
     err = (ref - test).norm()
     return math.inf if err == 0 else float(20 * torch.log10(ref.norm() / err))
 

@@ -92,6 +92,13 @@ def plan_conversion(root: nn.Module, config: SmoothQuantConfig, stats=None, spec
         entry = PlanEntry(name, module, kind, resolved if isinstance(resolved, Scheme) else None,
                           None if isinstance(resolved, Scheme) else resolved)
         plan.entries.append(entry)
+    listed = {e.name for e in plan.entries}
+    for name, module in root.named_modules():  # e.g. MoE routers that are not nn.Linear: still reported
+        full = f"{prefix}.{name}" if prefix and name else (prefix or name)
+        for pattern, why in keep:
+            if full not in listed and fnmatch.fnmatchcase(full, pattern):
+                plan.entries.append(PlanEntry(full, module, "other", None, f"kept in floating point: {why}"))
+                listed.add(full)
     if missing:
         raise ValueError(f"the static activation scheme needs calibration statistics for {len(missing)} module(s) "
                          f"without them, e.g. {missing[:4]}: pass stats= (collect_act_stats on this model; after "

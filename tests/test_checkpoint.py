@@ -1,0 +1,178 @@
+"""Quantized checkpoints: save -> load -> forward is bitwise identical on every family and scheme, the
+loaded model is its HF class with W8A8 modules, and damaged or mismatched checkpoints are rejected."""
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import sq_kernels as sq
+from sq_kernels.checkpoint import QUANT_FILE, WEIGHTS_FILE, CheckpointError, read_quantization_config
+from sq_kernels.nn import W8A8Experts, W8A8Linear
+
+from conftest import FAMILIES, calib_tokens, make_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _quantized(family="llama", **cfg):
+    model = make_model(family)
+    sq.smoothquant(model, calib_tokens(), sq.SmoothQuantConfig(progress=False, **cfg))
+    return model
+
+
+def _logits(model, x):
+    with torch.no_grad():
+        return model(x).logits
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_round_trip_is_bitwise(family, tmp_path):
+    model = _quantized(family)
+    x = calib_tokens(2, 16, seed=3)
+    sq.save_quantized(model, tmp_path)
+    loaded = sq.load_quantized(tmp_path)
+    assert type(loaded) is type(model)
+    assert torch.equal(_logits(loaded, x), _logits(model, x))
+    kinds = {n: type(m) for n, m in loaded.named_modules() if isinstance(m, (W8A8Linear, W8A8Experts))}
+    assert kinds == {n: type(m) for n, m in model.named_modules() if isinstance(m, (W8A8Linear, W8A8Experts))}
+    # the quantized linears hold int8 weights only: no floating-point copy was materialised
+    for name, module in loaded.named_modules():
+        if isinstance(module, W8A8Linear):
+            assert module.weight.dtype == torch.int8 and not list(module.parameters())
+    prompt = calib_tokens(1, 6, seed=4)
+    kw = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(loaded.generate(prompt, **kw), model.generate(prompt, **kw))
+
+
+@pytest.mark.parametrize("scheme", ["O1", "O3"])
+def test_round_trip_other_schemes(scheme, tmp_path):
+    model = _quantized("mixtral", scheme=scheme)
+    sq.save_quantized(model, tmp_path)
+    loaded = sq.load_quantized(tmp_path)
+    x = calib_tokens(2, 16, seed=3)
+    assert torch.equal(_logits(loaded, x), _logits(model, x))
+    meta = read_quantization_config(tmp_path)
+    assert {d["activation"] for d in meta["modules"].values()} == {sq.config.SCHEMES[scheme][1]}
+    if scheme == "O3":
+        assert loaded.model.layers[0].mlp.experts.down_input_scale.shape == (4,)
+
+
+def test_quantization_config_is_versioned_and_complete(tmp_path):
+    model = _quantized("opt", alpha=0.6)
+    sq.save_quantized(model, tmp_path)
+    files = {p.name for p in tmp_path.iterdir()}
+    assert {"config.json", QUANT_FILE, WEIGHTS_FILE} <= files
+    assert "model.safetensors" not in files  # a plain from_pretrained must not pick up int8 weights
+    meta = json.loads((tmp_path / QUANT_FILE).read_text())
+    assert meta["format"] == "sq_kernels.w8a8" and meta["format_version"] == 1
+    assert meta["architecture"] == "OPTForCausalLM"
+    assert meta["modules"]["model.decoder.layers.0.fc1"] == {
+        "kind": "linear", "in_features": 64, "out_features": 256, "bias": True, "weight": "per_channel",
+        "activation": "per_token"}
+    assert meta["quantization"]["smoothing"]["alphas"] == {"model.decoder.layers.0": 0.6, "model.decoder.layers.1": 0.6}
+    assert meta["tied"] == {"lm_head.weight": "model.decoder.embed_tokens.weight"}
+    loaded = sq.load_quantized(tmp_path)
+    assert loaded.lm_head.weight is loaded.model.decoder.embed_tokens.weight  # still tied
+    assert loaded.sq_quantization["smoothing"]["alphas"]["model.decoder.layers.1"] == 0.6
+
+
+def test_float16_model_round_trip(tmp_path):
+    model = make_model("qwen2").half()
+    sq.smoothquant(model, calib_tokens(), sq.SmoothQuantConfig(progress=False))
+    sq.save_quantized(model, tmp_path)
+    loaded = sq.load_quantized(tmp_path)
+    assert loaded.model.embed_tokens.weight.dtype == torch.float16
+    assert loaded.model.layers[0].self_attn.q_proj.weight_scale.dtype == torch.float32
+    x = calib_tokens(2, 8, seed=3)
+    assert torch.equal(_logits(loaded, x), _logits(model, x))
+
+
+def test_plain_from_pretrained_does_not_load_it(tmp_path):
+    from transformers import AutoModelForCausalLM
+    sq.save_quantized(_quantized(), tmp_path)
+    with pytest.raises(OSError):
+        AutoModelForCausalLM.from_pretrained(str(tmp_path), local_files_only=True)
+
+
+def _saved(tmp_path, family="llama"):
+    sq.save_quantized(_quantized(family), tmp_path)
+    return tmp_path
+
+
+def test_corrupt_weights_rejected(tmp_path):
+    path = _saved(tmp_path)
+    data = bytearray((path / WEIGHTS_FILE).read_bytes())
+    data[-100] ^= 0xFF
+    (path / WEIGHTS_FILE).write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="corrupt"):
+        sq.load_quantized(path)
+
+
+def test_truncated_weights_rejected_even_without_hash(tmp_path):
+    path = _saved(tmp_path)
+    data = (path / WEIGHTS_FILE).read_bytes()
+    (path / WEIGHTS_FILE).write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        sq.load_quantized(path, verify=False)
+
+
+def test_mismatched_config_rejected(tmp_path):
+    path = _saved(tmp_path)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["num_hidden_layers"] = 3
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="does not match the quantized weights"):
+        sq.load_quantized(path)
+
+
+def test_weights_of_another_model_rejected(tmp_path):
+    a, b = _saved(tmp_path / "a"), _saved(tmp_path / "b", "mistral")
+    meta = json.loads((a / QUANT_FILE).read_text())
+    (a / WEIGHTS_FILE).write_bytes((b / WEIGHTS_FILE).read_bytes())
+    meta["weights_sha256"] = json.loads((b / QUANT_FILE).read_text())["weights_sha256"]
+    (a / QUANT_FILE).write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="shape"):
+        sq.load_quantized(a)
+
+
+def test_unknown_version_and_foreign_files_rejected(tmp_path):
+    path = _saved(tmp_path)
+    meta = json.loads((path / QUANT_FILE).read_text())
+    (path / QUANT_FILE).write_text(json.dumps({**meta, "format_version": 2}))
+    with pytest.raises(CheckpointError, match="newer sq_kernels"):
+        sq.load_quantized(path)
+    (path / QUANT_FILE).write_text(json.dumps({**meta, "format": "compressed-tensors"}))
+    with pytest.raises(CheckpointError, match="format"):
+        sq.load_quantized(path)
+    (path / QUANT_FILE).write_text("{ not json")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        sq.load_quantized(path)
+    (path / QUANT_FILE).unlink()
+    with pytest.raises(CheckpointError, match="not an sq_kernels quantized model"):
+        sq.load_quantized(path)
+    with pytest.raises(CheckpointError, match="not a checkpoint directory"):
+        sq.load_quantized(tmp_path / "nothing")
+
+
+def test_nan_scale_never_saved_and_never_loaded(tmp_path):
+    model = _quantized()
+    model.model.layers[0].self_attn.q_proj.weight_scale[0] = float("nan")
+    with pytest.raises(ValueError, match="weight_scale"):
+        sq.save_quantized(model, tmp_path / "bad")
+    assert not (tmp_path / "bad" / QUANT_FILE).exists()
+    # a file whose scale was damaged after saving (hash updated to match) is still refused
+    from safetensors.torch import load_file, save_file
+    path = _saved(tmp_path / "good")
+    tensors = load_file(str(path / WEIGHTS_FILE))
+    tensors["model.layers.1.mlp.up_proj.weight_scale"][3] = float("inf")
+    save_file(tensors, str(path / WEIGHTS_FILE), metadata={"format": "sq_kernels.w8a8", "format_version": "1"})
+    with pytest.raises(CheckpointError, match="NaN, Inf"):
+        sq.load_quantized(path, verify=False)
+
+
+def test_saving_a_float_model_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match="no W8A8 modules"):
+        sq.save_quantized(make_model("llama"), tmp_path)
+    with pytest.raises(ValueError, match="Hugging Face model"):
+        sq.save_quantized(nn.Sequential(nn.Linear(16, 16)), tmp_path)

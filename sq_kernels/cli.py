@@ -154,7 +154,7 @@ def cmd_info(args) -> int:
     quant = meta.get("quantization") or {}
     alphas = ((quant.get("smoothing") or {}).get("alphas")) or {}
     if alphas:
-        print("  alpha per layer: " + ", ".join(f"{k.rsplit('.', 1)[-1]}={v:g}" for k, v in alphas.items()))
+        print("  alpha per layer: " + ", ".join(f"{k}={v:g}" for k, v in alphas.items()))
     if args.json:
         print(json.dumps(meta, indent=2))
     return 0

@@ -50,9 +50,12 @@ def perplexity(model: nn.Module, data, tokenizer=None, *, seq_len: int = 512, st
                max_windows: int | None = None, progress: bool = True) -> float:
     """Perplexity of ``model`` on a local text file (or a 1-D token tensor), with sliding windows.
 
-    Windows of ``seq_len`` tokens start every ``stride`` tokens (default ``seq_len``: disjoint windows);
-    each token is scored once, with as much context as its window gives it (the first token of the
-    text is never scored). Returns ``exp(mean negative log-likelihood)``.
+    Windows of ``seq_len`` tokens start every ``stride`` tokens. A token is scored at most once, by the
+    first window that can predict it (it needs one token of context inside the window). With the
+    default ``stride = seq_len`` (disjoint windows, as in the SmoothQuant and GPTQ WikiText evaluations)
+    the first token of every window is context only; with ``stride < seq_len`` every token but the
+    text's first is scored, later windows giving ``seq_len - stride`` tokens of extra context.
+    Returns ``exp(mean negative log-likelihood)``.
     """
     if seq_len < 2:
         raise ValueError(f"seq_len must be >= 2, got {seq_len}")

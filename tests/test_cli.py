@@ -1,0 +1,97 @@
+"""The ``sq-kernels`` command line, run in-process on a tiny local model directory."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import sq_kernels as sq
+from sq_kernels.cli import main
+
+from conftest import TEXT, make_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture
+def model_dir(tmp_path, tokenizer):
+    path = tmp_path / "tiny-llama"
+    make_model("llama").save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def data_files(tmp_path):
+    txt = tmp_path / "calib.txt"
+    txt.write_text(TEXT, encoding="utf-8")
+    jsonl = tmp_path / "lambada.jsonl"
+    jsonl.write_text("\n".join(json.dumps({"text": s.strip() + "."}) for s in TEXT.split(".")[:5] if s.strip()))
+    return txt, jsonl
+
+
+def test_quantize_info_eval(model_dir, data_files, tmp_path, capsys):
+    txt, jsonl = data_files
+    out = tmp_path / "tiny-llama-w8a8"
+    rc = main(["quantize", str(model_dir), str(out), "--data", str(txt), "--num-samples", "4", "--seq-len", "64",
+               "--alpha", "0.8", "--fp", "*.down_proj", "--no-progress"])
+    printed = capsys.readouterr().out
+    assert rc == 0, printed
+    assert "converted" in printed and "kept model.layers.0.mlp.down_proj" in printed
+    assert (out / "sq_quantization.json").is_file() and (out / "tokenizer.json").is_file()
+    assert json.loads((out / "sq_smoothing_report.json").read_text())["alphas"]["model.layers.0"] == 0.8
+    model = sq.load_quantized(out)
+    assert isinstance(model.model.layers[0].self_attn.q_proj, sq.W8A8Linear)
+    assert isinstance(model.model.layers[0].mlp.down_proj, torch.nn.Linear)
+
+    assert main(["info", str(out)]) == 0
+    info = capsys.readouterr().out
+    assert "LlamaForCausalLM" in info and "linear: w8 per_channel / a8 per_token" in info and "layers.0=0.8" in info
+
+    results = tmp_path / "eval.json"
+    rc = main(["eval", str(out), "--reference", str(model_dir), "--ppl", str(txt), "--lambada", str(jsonl),
+               "--sqnr-data", str(txt), "--seq-len", "64", "--json", str(results), "--no-progress"])
+    printed = capsys.readouterr().out
+    assert rc == 0, printed
+    r = json.loads(results.read_text())
+    assert abs(r["model_perplexity"] - r["reference_perplexity"]) / r["reference_perplexity"] < 0.02
+    assert 0.0 <= r["model_last_word_accuracy"] <= 1.0
+    assert r["layer_sqnr_db"]["logits"] > 20.0
+    assert "model.layers.0.self_attn.q_proj" in printed
+
+
+def test_calibrate_then_quantize_from_statistics(model_dir, data_files, tmp_path, capsys):
+    txt, _ = data_files
+    stats = tmp_path / "stats.safetensors"
+    assert main(["calibrate", str(model_dir), "--data", str(txt), "--out", str(stats), "--num-samples", "3",
+                 "--seq-len", "64", "--no-progress"]) == 0
+    assert "saved statistics" in capsys.readouterr().out
+    loaded = sq.ActStats.load(stats)
+    assert loaded.meta["num_samples"] == 3
+    out = tmp_path / "q"
+    assert main(["quantize", str(model_dir), str(out), "--data", str(txt), "--stats", str(stats), "--scheme", "O3",
+                 "--no-progress"]) == 0
+    model = sq.load_quantized(out)
+    assert model.model.layers[1].mlp.up_proj.activation == "static"
+
+
+def test_errors_exit_2_with_a_message(model_dir, data_files, tmp_path, capsys):
+    txt, _ = data_files
+    assert main(["quantize", str(model_dir), str(tmp_path / "o"), "--data", str(txt), "--alpha", "1.5",
+                 "--no-progress"]) == 2
+    assert "alpha must lie in [0, 1]" in capsys.readouterr().err
+    assert main(["quantize", str(tmp_path / "missing"), str(tmp_path / "o"), "--data", str(txt)]) == 2
+    assert "not a local Hugging Face model directory" in capsys.readouterr().err
+    assert main(["info", str(model_dir)]) == 2
+    assert "not an sq_kernels quantized model" in capsys.readouterr().err
+    assert main(["eval", str(model_dir)]) == 2
+    assert "nothing to evaluate" in capsys.readouterr().err
+
+
+def test_console_entry_point_help():
+    proc = subprocess.run([sys.executable, "-m", "sq_kernels.cli", "--help"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0
+    for command in ("calibrate", "quantize", "eval", "info"):
+        assert command in proc.stdout

@@ -1,0 +1,140 @@
+"""Evaluation: SQNR, sliding-window perplexity (against an independent per-token computation), last-word
+accuracy with known answers, and the per-layer SQNR report, FP against quantized."""
+import copy
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import sq_kernels as sq
+from sq_kernels.evaluation import format_sqnr_table, last_token_accuracy, layer_sqnr, perplexity, sqnr
+
+from conftest import TEXT, VOCAB, calib_tokens, make_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_sqnr_values():
+    ref = torch.randn(1000, dtype=torch.float64)
+    assert sqnr(ref, ref.clone()) == math.inf
+    assert sqnr(ref, ref * 0.9) == pytest.approx(20.0, abs=1e-9)   # error = 10 % of the norm
+    assert sqnr(ref, ref * 0.99) == pytest.approx(40.0, abs=1e-6)
+    with pytest.raises(ValueError, match="shapes differ"):
+        sqnr(ref, ref[:10])
+
+
+@pytest.mark.parametrize("seq_len,stride", [(16, 16), (16, 8)])
+def test_perplexity_matches_per_token_computation(seq_len, stride):
+    model = make_model("llama")
+    ids = calib_tokens(1, 40, seed=9)[0]
+    # which window scores which token, written out independently of the implementation
+    owner, scored_to, begin = {}, 1, 0
+    while begin < ids.numel() - 1:
+        end = min(begin + seq_len, ids.numel())
+        for p in range(max(scored_to, begin + 1), end):
+            owner[p] = begin
+        scored_to = max(scored_to, end)
+        if end == ids.numel():
+            break
+        begin += stride
+    unscored = sorted(set(range(1, 40)) - set(owner))
+    assert unscored == ([16, 32] if stride == seq_len else [])  # disjoint windows: window starts are context only
+    nll = 0.0
+    for p, b in owner.items():
+        with torch.no_grad():
+            logits = model(input_ids=ids[b:p][None], use_cache=False).logits[0, -1].double()
+        nll -= float(torch.log_softmax(logits, -1)[ids[p]])
+    expected = math.exp(nll / len(owner))
+    assert perplexity(model, ids, seq_len=seq_len, stride=stride, progress=False) == pytest.approx(expected, rel=1e-4)
+
+
+def test_uniform_model_has_vocab_perplexity(tokenizer, text_file):
+    model = make_model("opt", outliers=False)
+    with torch.no_grad():
+        model.lm_head.weight.zero_()  # tied to the embeddings: zero logits everywhere
+    assert perplexity(model, text_file, tokenizer, seq_len=64, progress=False) == pytest.approx(VOCAB, rel=1e-5)
+
+
+def test_perplexity_errors(tokenizer, tmp_path):
+    model = make_model("llama")
+    with pytest.raises(ValueError, match="stride"):
+        perplexity(model, torch.arange(10), seq_len=8, stride=9)
+    with pytest.raises(ValueError, match="is not a file"):
+        perplexity(model, tmp_path / "missing.txt", tokenizer)
+    with pytest.raises(ValueError, match="at least 2 tokens"):
+        perplexity(model, torch.tensor([5]))
+
+
+class _Oracle(nn.Module):
+    """A fake causal LM whose greedy next token is ``answer(ids)`` (for accuracy tests with known results)."""
+
+    def __init__(self, answer):
+        super().__init__()
+        self.answer = answer
+        self.dummy = nn.Parameter(torch.zeros(1))
+        self.config = type("Config", (), {"vocab_size": VOCAB})()
+
+    def forward(self, input_ids, use_cache=False):
+        nxt = self.answer(input_ids[0])
+        logits = torch.zeros(1, input_ids.shape[1], VOCAB)
+        logits[0, torch.arange(input_ids.shape[1]), nxt] = 1.0
+        return type("Out", (), {"logits": logits})()
+
+
+def test_last_word_accuracy_with_known_answers(tokenizer, tmp_path):
+    texts = ["the cat sat on the mat", "all that glitters is not gold", "measure twice"]
+    path = tmp_path / "lambada.jsonl"
+    path.write_text("\n".join(json.dumps({"text": t}) for t in texts))
+    encoded = {tuple(tokenizer(t)["input_ids"]): tokenizer(t)["input_ids"] for t in texts}
+
+    def perfect(ids):  # knows every text: predicts each next token of the text it is reading
+        for full in encoded.values():
+            if list(full[:ids.numel()]) == ids.tolist():
+                return torch.tensor(full[1:ids.numel() + 1] + [0] * (ids.numel() - len(full) + 1))
+        raise AssertionError("unknown text")
+
+    assert last_token_accuracy(_Oracle(perfect), path, tokenizer, progress=False) == 1.0
+    assert last_token_accuracy(_Oracle(lambda ids: torch.zeros(ids.numel(), dtype=torch.long)), path, tokenizer,
+                               progress=False) == 0.0
+
+    def wrong_on_gold(ids):  # right except for the last letter of "gold"
+        out = perfect(ids)
+        if tokenizer.decode(ids.tolist()).startswith("<s>all") or tokenizer.decode(ids.tolist()).startswith("all"):
+            out[-2] = tokenizer("x")["input_ids"][-1]
+        return out
+
+    assert last_token_accuracy(_Oracle(wrong_on_gold), path, tokenizer, progress=False) == pytest.approx(2 / 3)
+    with pytest.raises(ValueError, match="no context"):
+        last_token_accuracy(_Oracle(perfect), ["single"], tokenizer, progress=False)
+
+
+def test_fp_against_quantized(tokenizer, text_file, tmp_path):
+    fp = make_model("llama")
+    q = copy.deepcopy(fp)
+    sq.smoothquant(q, text_file, sq.SmoothQuantConfig(progress=False, num_samples=4, seq_len=64), tokenizer=tokenizer)
+    ppl_fp = perplexity(fp, text_file, tokenizer, seq_len=64, progress=False)
+    ppl_q = perplexity(q, text_file, tokenizer, seq_len=64, progress=False)
+    assert abs(ppl_q - ppl_fp) / ppl_fp < 0.02, (ppl_fp, ppl_q)
+    lines = [s.strip() + "." for s in TEXT.split(".")[:5] if s.strip()]
+    acc_fp = last_token_accuracy(fp, lines, tokenizer, progress=False)
+    acc_q = last_token_accuracy(q, lines, tokenizer, progress=False)
+    assert 0.0 <= acc_q <= 1.0 and abs(acc_q - acc_fp) <= 0.4
+    report = layer_sqnr(fp, q, text_file, tokenizer, num_samples=2, seq_len=64, progress=False)
+    quantized = [n for n, m in q.named_modules() if isinstance(m, sq.W8A8Linear)]
+    assert list(report) == quantized + ["logits"]
+    assert all(math.isfinite(v) and v > 15.0 for v in report.values()), report
+    table = format_sqnr_table(report)
+    assert "model.layers.0.self_attn.q_proj" in table and "logits" in table
+    print("\n" + table)
+
+
+def test_layer_sqnr_needs_matching_models():
+    fp = make_model("llama")
+    with pytest.raises(ValueError, match="no W8A8 modules"):
+        layer_sqnr(fp, fp, calib_tokens(1, 8))
+    q = make_model("opt")
+    sq.quantize_(q, sq.SmoothQuantConfig(progress=False, smooth=False))
+    with pytest.raises(ValueError, match="lacks modules"):
+        layer_sqnr(fp, q, calib_tokens(1, 8))

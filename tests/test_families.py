@@ -1,0 +1,129 @@
+"""Family tables: lazy imports, every table resolving against its model, the variants of Falcon and
+Llama 3, and user-registered tables."""
+import copy
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import sq_kernels as sq
+from sq_kernels.calibration import collect_act_stats
+from sq_kernels.families import (FamilySpec, SmoothGroup, UnsupportedModelError, decoder_layers, family_for_model_type,
+                                 family_of, register_family, supported_model_types)
+from sq_kernels.smooth import plan_smoothing
+
+from conftest import FAMILIES, calib_tokens, make_model, sqnr
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _cfg(**kw):
+    return sq.SmoothQuantConfig(progress=False, **kw)
+
+
+def test_imports_are_lazy():
+    code = ("import sys, sq_kernels; "
+            "assert 'transformers' not in sys.modules, 'transformers imported eagerly'; "
+            "assert not [m for m in sys.modules if m.startswith('sq_kernels.families.')], 'tables imported eagerly'; "
+            "sq_kernels.families.family_for_model_type('bloom'); "
+            "loaded = sorted(m for m in sys.modules if m.startswith('sq_kernels.families.')); "
+            "assert loaded == ['sq_kernels.families.bloom'], loaded")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_registry_lists_every_family():
+    assert set(FAMILIES) <= set(supported_model_types())
+    names = {family_for_model_type(t).name for t in FAMILIES}
+    assert names == {"OPT", "Llama", "Mistral", "Mixtral", "BLOOM", "Falcon", "Qwen2"}
+    with pytest.raises(UnsupportedModelError, match="gpt2.*Supported: OPT"):
+        family_for_model_type("gpt2")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_table_resolves_against_the_model(family):
+    model = make_model(family)
+    spec = family_of(model)
+    stats = collect_act_stats(model, calib_tokens(2, 16), progress=False)
+    plans, _ = plan_smoothing(model, stats, _cfg(fold_linear_pairs=True), spec)
+    layers = decoder_layers(model, spec)
+    assert len(layers) == 2
+    per_layer = len(plans) // len(layers)
+    assert per_layer >= 1 and len(plans) == per_layer * len(layers)  # Falcon-7B: one norm feeds everything
+    assert 0.0 < spec.default_alpha <= 1.0
+    for p in plans:  # norm groups see the hidden size; linear pairs the width between the two linears
+        assert p.act.shape == p.w.shape and (p.kind == "linear" or p.act.shape == (64,))
+
+
+FALCON_LAYOUTS = {
+    "7b-parallel": dict(),
+    "40b-two-norms": dict(new_decoder_architecture=True, num_kv_heads=2),
+    "new-one-norm": dict(new_decoder_architecture=True, num_kv_heads=2, num_ln_in_parallel_attn=1),
+    "rw-sequential": dict(parallel_attn=False),
+}
+
+
+@pytest.mark.parametrize("layout", list(FALCON_LAYOUTS))
+def test_falcon_layouts(layout):
+    fp = make_model("falcon", **FALCON_LAYOUTS[layout])
+    x = calib_tokens(3, 20, seed=5)
+    with torch.no_grad():
+        ref = fp(x).logits
+    smoothed = copy.deepcopy(fp)
+    stats = collect_act_stats(smoothed, calib_tokens(), progress=False)
+    report = sq.smooth_(smoothed, stats, _cfg())
+    with torch.no_grad():
+        assert float((smoothed(x).logits - ref).abs().max() / ref.abs().max()) < 1e-5
+    sources = sorted({g["source"] for g in report.groups})
+    expected = {"7b-parallel": ["input_layernorm"], "40b-two-norms": ["ln_attn", "ln_mlp"],
+                "new-one-norm": ["input_layernorm"], "rw-sequential": ["input_layernorm", "post_attention_layernorm"]}
+    assert sources == expected[layout]
+    quantized = copy.deepcopy(fp)
+    sq.smoothquant(quantized, calib_tokens(), _cfg())
+    naive = copy.deepcopy(fp)
+    sq.quantize_(naive, _cfg(scheme="O2", smooth=False))
+    with torch.no_grad():
+        sq_db, naive_db = sqnr(ref, quantized(x).logits), sqnr(ref, naive(x).logits)
+    assert sq_db >= 20.0 and sq_db >= naive_db + 5.0, (layout, sq_db, naive_db)
+
+
+def test_llama3_style_config():
+    """Llama 3: grouped-query attention, llama3 rope scaling, tied embeddings in the small variants."""
+    rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64, "rope_theta": 500000.0}
+    fp = make_model("llama", num_key_value_heads=2, rope_parameters=rope, tie_word_embeddings=True)
+    assert family_of(fp).name == "Llama"
+    x = calib_tokens(3, 20, seed=5)
+    with torch.no_grad():
+        ref = fp(x).logits
+    q = copy.deepcopy(fp)
+    sq.smoothquant(q, calib_tokens(), _cfg())
+    with torch.no_grad():
+        assert sqnr(ref, q(x).logits) >= 20.0
+
+
+def test_registered_user_family():
+    model = make_model("llama")
+    model.config.model_type = "my-llama-variant"
+    with pytest.raises(UnsupportedModelError, match="my-llama-variant"):
+        sq.smoothquant(copy.deepcopy(model), calib_tokens(), _cfg())
+    spec = FamilySpec(name="MyLlama", model_types=("my-llama-variant",), layers="model.layers", default_alpha=0.7,
+                      groups=(SmoothGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj",
+                                                              "self_attn.v_proj")),
+                              SmoothGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"))))
+    register_family(spec)
+    assert "my-llama-variant" in supported_model_types()
+    report = sq.smoothquant(model, calib_tokens(), _cfg())
+    assert report.smoothing.family == "MyLlama" and set(report.smoothing.alphas.values()) == {0.7}
+    with pytest.raises(ValueError, match="FamilySpec"):
+        register_family({"name": "not a spec"})
+
+
+def test_table_that_does_not_match_the_model():
+    wrong = FamilySpec(name="Wrong", model_types=("x",), layers="model.layers", default_alpha=0.5,
+                       groups=(SmoothGroup("ln_1", ("attn.c_attn",)),))
+    model = make_model("llama")
+    stats = collect_act_stats(model, calib_tokens(2, 16), progress=False)
+    with pytest.raises(ValueError, match="no submodule 'attn.c_attn'"):
+        sq.smooth_(model, stats, _cfg(family=wrong))

@@ -81,7 +81,10 @@ def norm_reference_fp32(x, residual, weight, bias, eps, layer: bool):
         s, h = None, x.to(torch.float32)
     n = h.shape[1]
     d = h - h.sum(dim=1, keepdim=True) / n if layer else h
-    rstd = torch.reciprocal(torch.sqrt((d * d).sum(dim=1, keepdim=True) / n + eps))
+    var_eps = (d * d).sum(dim=1, keepdim=True) / n + eps
+    # sqrt through float64 is the correctly rounded float32 sqrt (the kernel's __fsqrt_rn); PyTorch's
+    # vectorised float32 sqrt on the CPU is not always
+    rstd = torch.reciprocal(torch.sqrt(var_eps.double()).to(torch.float32))
     y = (d * rstd) * weight.to(torch.float32)
     if bias is not None:
         y = y + bias.to(torch.float32)

@@ -221,7 +221,5 @@ inline RowShape row_shape(int64_t h, int vec) {
 
 inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
-inline size_t elem_size(FloatType t) { return t == FloatType::kFloat32 ? 4 : 2; }
-
 }  // namespace qrow
 }  // namespace sqk

@@ -46,7 +46,8 @@ struct BmmParams {
 };
 
 // Kernel choice. kAuto picks by shape (select_path); the others exist so that tests and benchmarks can
-// run every path on one GPU. kSmallM: a dp4a kernel for decode (M <= kSmallMMax, and K == 0);
+// run every path on one GPU. kSmallM: a dp4a kernel for decode (auto: M <= kSmallMMax, and K == 0;
+// forced, any M, 8 rows per launch);
 // kTile64 / kTile128: CUTLASS 2.x mma.sync GEMMs with 64x64x64 and 128x128x64 threadblock tiles.
 enum class Path : int { kAuto = 0, kSmallM = 1, kTile64 = 2, kTile128 = 3 };
 

@@ -49,7 +49,6 @@ const char* path_name(Path p) {
 }
 
 const char* validate(const BmmParams& p, OutType type, Path path) {
-  if (path == Path::kSmallM && p.m > kSmallMMax) return "BMM: the small-M kernel takes M <= 8";
   if ((path == Path::kTile64 || path == Path::kTile128) && p.k == 0)
     return "BMM: the CUTLASS tiles need K > 0 (K == 0 runs on the small-M kernel)";
   if (p.batch < 0 || p.m < 0 || p.n < 0 || p.k < 0) return "BMM: negative size";

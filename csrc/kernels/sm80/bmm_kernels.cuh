@@ -272,10 +272,20 @@ const char* run_small_m_rows(const BmmParams& p, cudaStream_t stream) {
   return launch_small_m<ElementOutput, 32, kMaxM>(p, stream);
 }
 
+// Rows are processed 8 at a time (the kernel's accumulator count), so a forced small-M path, or K == 0
+// (which never goes to CUTLASS), is correct for any M.
 template <typename ElementOutput>
 const char* run_small_m(const BmmParams& p, cudaStream_t stream) {
   static_assert(kSmallMMax == 8, "bmm_small_m_kernel is instantiated for M == 1 and M <= 8");
-  return p.m == 1 ? run_small_m_rows<ElementOutput, 1>(p, stream) : run_small_m_rows<ElementOutput, 8>(p, stream);
+  if (p.m == 1) return run_small_m_rows<ElementOutput, 1>(p, stream);
+  for (int64_t r0 = 0; r0 < p.m; r0 += kSmallMMax) {
+    BmmParams q = p;
+    q.m = p.m - r0 < kSmallMMax ? p.m - r0 : kSmallMMax;
+    q.a = p.a + r0 * p.lda;
+    q.out = static_cast<ElementOutput*>(p.out) + r0 * p.ldc;
+    if (const char* err = run_small_m_rows<ElementOutput, kSmallMMax>(q, stream)) return err;
+  }
+  return nullptr;
 }
 
 template <typename ElementOutput>

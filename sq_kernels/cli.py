@@ -4,6 +4,7 @@
     sq-kernels quantize  MODEL_DIR OUT_DIR --data calib.txt [--alpha 0.85|auto] [--scheme W8A8|O1|O2|O3]
     sq-kernels eval      MODEL_OR_QUANTIZED_DIR [--reference FP_DIR] [--ppl wiki.txt] [--lambada lambada.jsonl]
     sq-kernels info      QUANTIZED_DIR
+    sq-kernels bench     [--arch llama-2-7b] [--layers 4] [--batch 1] [--prompt 512] --device cuda
 
 Models and tokenizers are read from local directories only (nothing is downloaded). Errors print one
 line and exit with status 2.
@@ -160,6 +161,88 @@ def cmd_info(args) -> int:
     return 0
 
 
+BENCH_ARCHS = {  # real layer shapes (random weights: speed does not depend on the values)
+    "llama-2-7b": ("llama", dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
+                                 num_key_value_heads=32, vocab_size=32000)),
+    "llama-3-8b": ("llama", dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+                                 num_key_value_heads=8, vocab_size=128256)),
+    "opt-6.7b": ("opt", dict(hidden_size=4096, ffn_dim=16384, num_attention_heads=32, word_embed_proj_dim=4096,
+                             vocab_size=50272)),
+    "mistral-7b": ("mistral", dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+                                   num_key_value_heads=8, vocab_size=32000)),
+    "tiny-llama": ("llama", dict(hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                 num_key_value_heads=4, vocab_size=128)),  # a smoke test of the command
+}
+
+
+def _time_ms(fn, device, warmup: int, iters: int) -> float:
+    """Median wall time of ``fn()`` in milliseconds (CUDA events on a GPU)."""
+    import statistics
+    import time
+
+    import torch
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def _model_bytes(model) -> int:
+    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+
+
+def cmd_bench(args) -> int:
+    import copy
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .api import smoothquant
+    device, dtype = torch.device(args.device), _dtype(args.dtype) or torch.float16
+    family, shape = BENCH_ARCHS[args.arch]
+    config = AutoConfig.for_model(family, num_hidden_layers=args.layers, max_position_embeddings=4096, **shape)
+    torch.manual_seed(0)
+    with torch.device(device):
+        fp = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    q = copy.deepcopy(fp)
+    calib = torch.randint(0, config.vocab_size, (4, 128), device=device)
+    report = smoothquant(q, calib, _config_from_args(args))
+    rows = []
+    for label, tokens in (("prefill", args.prompt), ("one token", 1)):
+        x = torch.randint(0, config.vocab_size, (args.batch, tokens), device=device)
+        row = {"phase": label, "M": args.batch * tokens}
+        with torch.no_grad():
+            for name, m in (("fp", fp), ("w8a8", q)):
+                row[f"{name}_ms"] = _time_ms(lambda m=m: m(input_ids=x, use_cache=False), device, args.warmup, args.iters)
+        row["speedup"] = row["fp_ms"] / row["w8a8_ms"]
+        rows.append(row)
+    result = {"arch": args.arch, "layers": args.layers, "batch": args.batch, "prompt": args.prompt,
+              "dtype": str(dtype), "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "converted": len(report.converted), "fp_bytes": _model_bytes(fp), "w8a8_bytes": _model_bytes(q),
+              "rows": rows}
+    print(f"{args.arch}, {args.layers} decoder layers, batch {args.batch}, {result['device']}, {dtype}; "
+          f"{len(report.converted)} linears W8A8 (lm_head and embeddings stay {dtype})")
+    print(f"{'phase':<10} {'M':>6} {'FP ms':>9} {'W8A8 ms':>9} {'speedup':>8}")
+    for r in rows:
+        print(f"{r['phase']:<10} {r['M']:>6} {r['fp_ms']:>9.3f} {r['w8a8_ms']:>9.3f} {r['speedup']:>7.2f}x")
+    print(f"memory: FP {result['fp_bytes'] / 2**20:.0f} MiB, W8A8 {result['w8a8_bytes'] / 2**20:.0f} MiB")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2), encoding="utf-8")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sq-kernels", description="SmoothQuant W8A8: calibrate, quantize, evaluate.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -215,6 +298,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the results to this JSON file")
     runtime(p)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("bench", help="latency and memory of a real-size model (random weights): FP vs W8A8")
+    p.add_argument("--arch", default="llama-2-7b", choices=sorted(BENCH_ARCHS))
+    p.add_argument("--layers", type=int, default=4, help="decoder layers to build (default 4)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--prompt", type=int, default=512, help="prefill tokens per sequence (default 512)")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--alpha", help="migration strength (default: the family's)")
+    p.add_argument("--scheme", default="W8A8", choices=("W8A8", "O1", "O2", "O3"))
+    p.add_argument("--weight", choices=("per_channel", "per_tensor"))
+    p.add_argument("--activation", choices=("per_token", "per_tensor", "static"))
+    p.add_argument("--json", help="also write the results to this JSON file")
+    runtime(p)
+    p.set_defaults(func=cmd_bench, include=[], exclude=["lm_head"], fp=[], no_smooth=False, fold_linear_pairs=False,
+                   num_samples=4, seq_len=128, batch_size=1)
 
     p = sub.add_parser("info", help="describe a quantized checkpoint")
     p.add_argument("checkpoint")

@@ -89,9 +89,19 @@ def test_errors_exit_2_with_a_message(model_dir, data_files, tmp_path, capsys):
     assert "nothing to evaluate" in capsys.readouterr().err
 
 
+def test_bench_smoke(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--arch", "tiny-llama", "--layers", "1", "--prompt", "8", "--warmup", "0", "--iters", "1",
+                 "--device", "cpu", "--dtype", "float32", "--json", str(out), "--no-progress"]) == 0
+    result = json.loads(out.read_text())
+    assert [r["phase"] for r in result["rows"]] == ["prefill", "one token"] and result["converted"] == 7
+    assert result["w8a8_bytes"] < result["fp_bytes"]
+    assert "speedup" in capsys.readouterr().out
+
+
 def test_console_entry_point_help():
     proc = subprocess.run([sys.executable, "-m", "sq_kernels.cli", "--help"], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0
-    for command in ("calibrate", "quantize", "eval", "info"):
+    for command in ("calibrate", "quantize", "eval", "info", "bench"):
         assert command in proc.stdout

@@ -16,6 +16,7 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 SRC=/tmp/sqk-src
 STEPS=${STEPS:-"build tests"}
 export PYTHONUNBUFFERED=1
+[ -f .src/COMMIT ] && export SQ_KERNELS_COMMIT=$(cat .src/COMMIT)  # no .git on the device: results name it
 log() { echo "== $(date +%H:%M:%S) $*" | tee -a "$OUT/summary.txt"; }
 
 if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
@@ -60,7 +61,8 @@ for step in $STEPS; do
       ;;
     bench)
       log "bench ${BENCH}"
-      python3 $BENCH --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -60
+      for b in $BENCH_LIST; do :; done
+      python3 $BENCH --out "$OUT" 2>&1 | tee -a "$OUT/all_bench.log" | tail -60
       ;;
     paths)
       log "gemm paths ${PATHS_ARGS:-}"

@@ -6,7 +6,7 @@
 # steps named in STEPS. Logs go to $OUT (the device tool brings them back).
 #
 #   STEPS="build sass tests bench" bash tools/gpu_session.sh
-#   TESTS="tests/kernels -x" BENCH="benchmarks/bench_gemm.py --quick" ...
+#   TESTS="tests/kernels -x" BENCH="benchmarks/bench_gemm.py --quick; benchmarks/bench_x.py" ...
 # `pytest` (not `python -m pytest`) keeps the source tree off sys.path, so the installed package
 # with its compiled _C is the one imported.
 # Steps: build (always first if named), sass (wgmma in the binary?), tests (pytest $TESTS),
@@ -60,9 +60,11 @@ for step in $STEPS; do
       log "pytest rc=${PIPESTATUS[0]}"
       ;;
     bench)
-      log "bench ${BENCH}"
-      for b in $BENCH_LIST; do :; done
-      python3 $BENCH --out "$OUT" 2>&1 | tee -a "$OUT/all_bench.log" | tail -60
+      IFS=';' read -ra benches <<< "$BENCH"  # several: "a.py --quick; b.py --quick"
+      for b in "${benches[@]}"; do
+        log "bench $b"
+        python3 $b --out "$OUT" 2>&1 | tee -a "$OUT/bench.log" | tail -40
+      done
       ;;
     paths)
       log "gemm paths ${PATHS_ARGS:-}"

@@ -15,4 +15,13 @@ mkdir -p .src
   if ! cmp -s "$tmp/$f" ".src/$f"; then mkdir -p "$(dirname ".src/$f")"; cp "$tmp/$f" ".src/$f"; fi
 done
 (cd .src && find . -type f) | while read -r f; do [ -e "$tmp/$f" ] || rm -f ".src/$f"; done
+# CACHE_BASE=<commit the carried .kcache.tgz was built from>: files unchanged since then get an old
+# mtime, so ninja on the GPU machine (whose clock need not agree with ours) reuses their objects.
+if [ -n "${CACHE_BASE:-}" ]; then
+  changed=$(git diff --name-only "$CACHE_BASE" HEAD)
+  (cd .src && find . -type f) | sed 's|^\./||' | while read -r f; do
+    grep -qxF "$f" <<< "$changed" || touch -d "2020-01-01" ".src/$f"
+  done
+  echo "files changed since $CACHE_BASE keep a fresh mtime: $(echo "$changed" | grep -c . || true)"
+fi
 echo "exported $(cat .src/COMMIT) to .src/"

@@ -56,7 +56,8 @@ def _family_or_none(model, config: SmoothQuantConfig):
         return None
 
 
-def quantize_(model: nn.Module, config: SmoothQuantConfig | None = None, stats: ActStats | None = None) -> ConversionReport:
+def quantize_(model: nn.Module, config: SmoothQuantConfig | None = None,
+              stats: ActStats | None = None) -> ConversionReport:
     """Replace the selected linears (and fused experts) of ``model`` by W8A8 modules, in place.
 
     Args:

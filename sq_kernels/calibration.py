@@ -78,8 +78,9 @@ class ActStats:
         try:
             return self.absmax[name]
         except KeyError:
-            raise MissingStatsError(f"no calibration statistics for module {name!r} (statistics hold {len(self.absmax)} "
-                           f"modules, e.g. {sorted(self.absmax)[:3]}); were they collected on this model?") from None
+            raise MissingStatsError(f"no calibration statistics for module {name!r} (statistics hold "
+                                    f"{len(self.absmax)} modules, e.g. {sorted(self.absmax)[:3]}); were they "
+                                    f"collected on this model?") from None
 
     def __len__(self) -> int:
         return len(self.absmax)
@@ -121,7 +122,8 @@ class ActStats:
                 metadata = f.metadata() or {}
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
         except Exception as exc:  # safetensors raises its own error types for a damaged header
-            raise ValueError(f"{str(path)!r} is not a readable statistics file (corrupt or truncated?): {exc}") from None
+            raise ValueError(f"{str(path)!r} is not a readable statistics file (corrupt or truncated?): "
+                             f"{exc}") from None
         if metadata.get("format") != STATS_FORMAT:
             raise ValueError(f"{str(path)!r} is not an sq_kernels statistics file (format={metadata.get('format')!r})")
         if metadata.get("version") != str(STATS_VERSION):
@@ -241,7 +243,8 @@ def calibration_samples(data, tokenizer=None, num_samples: int = 128, seq_len: i
                 ids = _encode(tokenizer, item)
             elif isinstance(item, dict) and "input_ids" in item:
                 ids = torch.as_tensor(item["input_ids"], dtype=torch.long)
-            elif isinstance(item, torch.Tensor) or (isinstance(item, (list, tuple)) and all(isinstance(v, int) for v in item)):
+            elif isinstance(item, torch.Tensor) or (isinstance(item, (list, tuple))
+                                                    and all(isinstance(v, int) for v in item)):
                 ids = torch.as_tensor(item)
                 if ids.is_floating_point():
                     raise ValueError(f"data[{i}]: token ids must be integers, got {ids.dtype}")

@@ -179,7 +179,8 @@ def read_quantization_config(path) -> dict:
         raise CheckpointError(f"{qfile}: invalid format_version {version!r}")
     if version > FORMAT_VERSION:
         raise CheckpointError(f"{qfile}: format_version {version} was written by a newer sq_kernels "
-                              f"({meta.get('sq_kernels_version')}); this one reads up to {FORMAT_VERSION}. Upgrade sq_kernels.")
+                              f"({meta.get('sq_kernels_version')}); this one reads up to {FORMAT_VERSION}. "
+                              f"Upgrade sq_kernels.")
     for key in ("architecture", "config_sha256", "weights_file", "modules"):
         if key not in meta:
             raise CheckpointError(f"{qfile}: missing field {key!r}")
@@ -209,7 +210,8 @@ def _build_skeleton(path: Path, meta: dict):
             if shape != (d["in_features"], d["out_features"]):
                 raise CheckpointError(f"{name}: config.json gives a linear of (in, out) = {shape}, the checkpoint "
                                       f"holds {(d['in_features'], d['out_features'])}")
-            new = W8A8Linear(d["in_features"], d["out_features"], d["bias"], d["weight"], d["activation"], device="meta")
+            new = W8A8Linear(d["in_features"], d["out_features"], d["bias"], d["weight"], d["activation"],
+                             device="meta")
         elif d["kind"] == "experts":
             gate_up = getattr(original, "gate_up_proj", None)
             want = (d["num_experts"], 2 * d["intermediate_dim"], d["hidden_dim"])

@@ -47,7 +47,8 @@ def _load_tokenizer(path: str | None, required: bool = True):
         return AutoTokenizer.from_pretrained(path, local_files_only=True)
     except Exception as exc:  # transformers raises several types for a directory without a tokenizer
         if required:
-            raise ValueError(f"no tokenizer could be loaded from {path} ({type(exc).__name__}); pass --tokenizer DIR") from None
+            raise ValueError(f"no tokenizer could be loaded from {path} ({type(exc).__name__}); "
+                             f"pass --tokenizer DIR") from None
         return None
 
 
@@ -115,7 +116,8 @@ def cmd_eval(args) -> int:
     tokenizer = _load_tokenizer(args.tokenizer or args.model, required=bool(args.ppl or args.lambada or args.sqnr_data))
     reference = _load_model(args.reference, args.device, args.dtype) if args.reference else None
     if not (args.ppl or args.lambada or (reference is not None and args.sqnr_data)):
-        raise ValueError("nothing to evaluate: pass --ppl FILE, --lambada FILE, or --reference DIR with --sqnr-data FILE")
+        raise ValueError("nothing to evaluate: pass --ppl FILE, --lambada FILE, or --reference DIR with "
+                         "--sqnr-data FILE")
     progress = not args.no_progress
     results: dict = {"model": args.model}
     for label, m in (("model", model), ("reference", reference)):
@@ -225,7 +227,8 @@ def cmd_bench(args) -> int:
         row = {"phase": label, "M": args.batch * tokens}
         with torch.no_grad():
             for name, m in (("fp", fp), ("w8a8", q)):
-                row[f"{name}_ms"] = _time_ms(lambda m=m: m(input_ids=x, use_cache=False), device, args.warmup, args.iters)
+                row[f"{name}_ms"] = _time_ms(lambda m=m: m(input_ids=x, use_cache=False), device, args.warmup,
+                                             args.iters)
         row["speedup"] = row["fp_ms"] / row["w8a8_ms"]
         rows.append(row)
     result = {"arch": args.arch, "layers": args.layers, "batch": args.batch, "prompt": args.prompt,

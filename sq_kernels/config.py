@@ -167,7 +167,8 @@ class SmoothQuantConfig:
     def to_dict(self) -> dict:
         """A JSON-serialisable form (the family table is recorded by name only)."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "family"}
-        out["include"], out["exclude"], out["alpha_grid"] = list(self.include), list(self.exclude), list(self.alpha_grid)
+        out["include"], out["exclude"] = list(self.include), list(self.exclude)
+        out["alpha_grid"] = list(self.alpha_grid)
         out["family"] = getattr(self.family, "name", None)
         return out
 

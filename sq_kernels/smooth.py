@@ -140,11 +140,13 @@ def _check_source(layer: nn.Module, lname: str, group, width: int) -> nn.Module:
     return source
 
 
-def plan_smoothing(model, stats: ActStats, config: SmoothQuantConfig, spec: FamilySpec) -> tuple[list[GroupPlan], list[str]]:
+def plan_smoothing(model, stats: ActStats, config: SmoothQuantConfig,
+                   spec: FamilySpec) -> tuple[list[GroupPlan], list[str]]:
     """Resolve the family table against ``model`` and the statistics; every check happens here, before
     anything is modified. Returns the groups and notes on groups that do not apply."""
     if not isinstance(stats, ActStats):
-        raise ValueError(f"stats must be an ActStats (from collect_act_stats or ActStats.load), got {type(stats).__name__}")
+        raise ValueError(f"stats must be an ActStats (from collect_act_stats or ActStats.load), "
+                         f"got {type(stats).__name__}")
     model_config = getattr(model, "config", None)
     reason = spec.refusal(model_config)
     if reason:

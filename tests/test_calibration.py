@@ -8,7 +8,7 @@ from torch import nn
 from sq_kernels.calibration import (ActStats, RunningAbsMax, calibration_batches, calibration_samples,
                                     collect_act_stats)
 
-from conftest import TEXT, VOCAB, calib_tokens, make_model
+from conftest import VOCAB, calib_tokens, make_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -82,7 +82,8 @@ def test_data_forms(tokenizer, text_file, tmp_path):
     jsonl = tmp_path / "calib.jsonl"
     jsonl.write_text("\n".join(json.dumps({"text": t}) for t in ["one two", "three four five"]) + "\n")
     assert len(calibration_samples(jsonl, tokenizer)) == 2
-    batches = calibration_batches([torch.ones(5, dtype=torch.long)] * 3 + [torch.ones(7, dtype=torch.long)], batch_size=2)
+    five, seven = torch.ones(5, dtype=torch.long), torch.ones(7, dtype=torch.long)
+    batches = calibration_batches([five] * 3 + [seven], batch_size=2)
     assert [tuple(b.shape) for b in batches] == [(2, 5), (1, 5), (1, 7)]  # equal lengths batched, no padding
 
 

@@ -49,7 +49,8 @@ def static_scale(amax, what: str = "input_amax") -> torch.Tensor:
 
 
 def quantize_activation(x: torch.Tensor, activation: str, input_scale: torch.Tensor | None):
-    """``x [..., K]`` float -> ``x_q`` int8 ``[..., K]`` and ``x_scale`` float32 (``[...]`` per token, ``[1]`` otherwise)."""
+    """``x [..., K]`` float -> ``x_q`` int8 ``[..., K]`` and ``x_scale`` float32 (``[...]`` per token,
+    ``[1]`` otherwise)."""
     if x.stride(-1) != 1:
         x = x.contiguous()
     if activation == "per_token":

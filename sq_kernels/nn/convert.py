@@ -66,7 +66,8 @@ def family_keep_fp(spec) -> list[tuple[str, str]]:
     return [(f"{spec.layers}.*.{pattern}", reason) for pattern, reason in spec.keep_fp]
 
 
-def plan_conversion(root: nn.Module, config: SmoothQuantConfig, stats=None, spec=None, prefix: str = "") -> ConversionPlan:
+def plan_conversion(root: nn.Module, config: SmoothQuantConfig, stats=None, spec=None,
+                    prefix: str = "") -> ConversionPlan:
     """Decide what happens to every candidate module of ``root`` (names prefixed with ``prefix``)."""
     plan = ConversionPlan()
     keep = family_keep_fp(spec)
@@ -125,7 +126,8 @@ def build_module(entry: PlanEntry, stats=None) -> nn.Module:
                                     name=entry.name)
 
 
-def build_modules(plan: ConversionPlan, stats=None, progress: bool = False, desc: str = "quantizing") -> dict[str, nn.Module]:
+def build_modules(plan: ConversionPlan, stats=None, progress: bool = False,
+                  desc: str = "quantizing") -> dict[str, nn.Module]:
     entries = plan.converted
     if progress:
         from tqdm.auto import tqdm
@@ -146,7 +148,8 @@ def swap_modules(root: nn.Module, new_modules: dict[str, nn.Module], prefix: str
             done.append(name)
     except Exception as exc:
         raise RuntimeError(f"swapping in the W8A8 modules failed at {name!r} after {len(done)} of "
-                           f"{len(new_modules)} were installed ({done[:8]}{'...' if len(done) > 8 else ''}): {exc}") from exc
+                           f"{len(new_modules)} were installed ({done[:8]}{'...' if len(done) > 8 else ''}): "
+                           f"{exc}") from exc
     return done
 
 

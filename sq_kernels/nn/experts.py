@@ -109,7 +109,8 @@ class W8A8Experts(KeepFloat32Buffers, nn.Module):
             getattr(module, attr).copy_(w_q)
             getattr(module, attr + "_scale").copy_(w_scale)
         if activation == "static":
-            module.gate_up_input_scale.copy_(static_scale(input_amax, f"{name} input_amax").to(module.gate_up_input_scale.device))
+            scale = static_scale(input_amax, f"{name} input_amax")
+            module.gate_up_input_scale.copy_(scale.to(module.gate_up_input_scale.device))
             down = static_scale(down_input_amax, f"{name} down_input_amax")
             if down.numel() != e:
                 raise ValueError(f"{name}: down_input_amax must have {e} elements (one per expert), got {down.numel()}")
@@ -123,7 +124,8 @@ class W8A8Experts(KeepFloat32Buffers, nn.Module):
         per_token = self.activation == "per_token"
         for e, top_k_pos, token_idx in route(top_k_index, self.num_experts):
             a_scale = x_scale[token_idx] if per_token else x_scale
-            gate_up = int8_linear(x_q[token_idx], a_scale, self.gate_up_proj[e], self.gate_up_proj_scale[e], None, dtype)
+            gate_up = int8_linear(x_q[token_idx], a_scale, self.gate_up_proj[e], self.gate_up_proj_scale[e], None,
+                                  dtype)
             gate, up = gate_up.chunk(2, dim=-1)
             h = self.act_fn(gate) * up
             down_scale = self.down_input_scale[e:e + 1] if self.down_input_scale is not None else None

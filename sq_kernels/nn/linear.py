@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from ..config import ACTIVATION_SCHEMES, WEIGHT_GRANULARITIES
-from ._quant import ALIGN, KeepFloat32Buffers, check_input, int8_linear, quantize_activation, quantize_weight, static_scale
+from ._quant import (ALIGN, KeepFloat32Buffers, check_input, int8_linear, quantize_activation, quantize_weight,
+                     static_scale)
 
 
 def check_linear_shape(in_features: int, out_features: int, what: str = "linear") -> str | None:

@@ -57,14 +57,16 @@ def test_w8a8_linear_cuda_matches_cpu_reference(dtype, weight, activation):
     assert out.dtype == dtype and out.device.type == "cuda"
     # same integers, same fp32 epilogue (the kernel fuses the multiply-add): one rounding of the output dtype
     eps = torch.finfo(dtype).eps
-    torch.testing.assert_close(out.cpu().float(), ref.float(), rtol=2 * eps, atol=2 * eps * ref.float().abs().max().item())
+    atol = 2 * eps * ref.float().abs().max().item()
+    torch.testing.assert_close(out.cpu().float(), ref.float(), rtol=2 * eps, atol=atol)
     assert sqnr(lin(x.float()), out.cpu().float()) > 30.0
 
 
 def test_w8a8_linear_forward_does_not_synchronise():
     lin = nn.Linear(256, 256).to(DEV)
     x = torch.randn(16, 256, device=DEV, dtype=torch.float16)
-    modules = [sq.W8A8Linear.from_linear(lin, activation=a, input_amax=4.0) for a in ("per_token", "per_tensor", "static")]
+    modules = [sq.W8A8Linear.from_linear(lin, activation=a, input_amax=4.0)
+               for a in ("per_token", "per_tensor", "static")]
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:

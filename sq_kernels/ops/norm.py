@@ -31,7 +31,7 @@ import math
 import torch
 
 from ._library import define, op
-from .quant import as_rows, check_input, check_optional_scale, quantize_reference
+from .quant import as_rows, check_input, check_optional_scale, quantize_reference, true_div
 
 
 def _fail(msg: str):
@@ -80,8 +80,8 @@ def norm_reference_fp32(x, residual, weight, bias, eps, layer: bool):
     else:
         s, h = None, x.to(torch.float32)
     n = h.shape[1]
-    d = h - h.sum(dim=1, keepdim=True) / n if layer else h
-    var_eps = (d * d).sum(dim=1, keepdim=True) / n + eps
+    d = h - true_div(h.sum(dim=1, keepdim=True), n) if layer else h
+    var_eps = true_div((d * d).sum(dim=1, keepdim=True), n) + eps
     # sqrt through float64 is the correctly rounded float32 sqrt (the kernel's __fsqrt_rn); PyTorch's
     # vectorised float32 sqrt on the CPU is not always
     rstd = torch.reciprocal(torch.sqrt(var_eps.double()).to(torch.float32))

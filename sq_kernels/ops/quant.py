@@ -61,11 +61,21 @@ def sat_int8(y: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isnan(r), torch.zeros_like(r), r).to(torch.int8)
 
 
+def true_div(num, den) -> torch.Tensor:
+    """IEEE float32 division ``num / den`` where either side may be a Python number. PyTorch turns a
+    division by a Python scalar on CUDA into a multiplication by its reciprocal (two roundings), and
+    ``number / tensor`` into ``reciprocal(tensor) * number`` on every device; the kernels divide once."""
+    ref = num if isinstance(num, torch.Tensor) else den
+    num = num if isinstance(num, torch.Tensor) else torch.full_like(ref, num)
+    den = den if isinstance(den, torch.Tensor) else torch.full_like(ref, den)
+    return num / den
+
+
 def _quantize_rows(y: torch.Tensor, amax: torch.Tensor):
     """Dynamic quantization of fp32 ``y`` with ``amax`` ([M, 1] per-token or [1, 1] per-tensor)."""
     a = torch.clamp_min(amax.to(torch.float32), EPS)
-    scale = a / 127.0
-    inv = torch.full_like(a, 127.0) / a
+    scale = true_div(a, 127.0)
+    inv = true_div(127.0, a)
     return sat_int8(y.to(torch.float32) * inv), scale
 
 

@@ -20,6 +20,12 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 ALIGN = 16
 
 
+def _div127(amax: torch.Tensor) -> torch.Tensor:
+    # A tensor divisor keeps this one IEEE division on every device (CUDA turns a division by a Python
+    # scalar into a multiplication by its reciprocal), so CPU- and GPU-quantized models get equal scales.
+    return amax / torch.full_like(amax, 127.0)
+
+
 def quantize_weight(w: torch.Tensor, granularity: str, what: str = "weight") -> tuple[torch.Tensor, torch.Tensor]:
     """``w [..., N, K]`` float -> ``w_q`` int8 ``[..., N, K]`` and float32 ``w_scale`` ``[..., N]``
     (per_channel) or ``[..., 1]`` (per_tensor: one scale per ``[N, K]`` matrix)."""
@@ -32,7 +38,7 @@ def quantize_weight(w: torch.Tensor, granularity: str, what: str = "weight") -> 
         amax = w32.abs().flatten(-2).amax(dim=-1, keepdim=True)
     else:
         raise ValueError(f"weight granularity must be 'per_channel' or 'per_tensor', got {granularity!r}")
-    scale = torch.clamp_min(amax, EPS) / 127.0
+    scale = _div127(torch.clamp_min(amax, EPS))
     w_q = torch.clamp(torch.round(w32 / scale.unsqueeze(-1)), -127, 127).to(torch.int8)
     return w_q.contiguous(), scale.contiguous()
 
@@ -45,7 +51,7 @@ def static_scale(amax, what: str = "input_amax") -> torch.Tensor:
                          "are corrupt or the model overflowed during calibration")
     if (amax < 0).any():
         raise ValueError(f"{what} must be >= 0")
-    return (torch.clamp_min(amax, EPS) / 127.0).reshape(-1).contiguous()
+    return _div127(torch.clamp_min(amax, EPS)).reshape(-1).contiguous()
 
 
 def quantize_activation(x: torch.Tensor, activation: str, input_scale: torch.Tensor | None):

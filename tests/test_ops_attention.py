@@ -368,7 +368,8 @@ def quantized_inputs(shape_q, shape_kv, seed):
 @pytest.mark.parametrize("d", [64, 80, 128])
 def test_int8_attention_is_within_the_p_quantization_bound_of_exact_attention(sq, sk, causal, d):
     (q, k, v), (sq_, sk_, sv_) = quantized_inputs((2, 3, sq, d), (2, 3, sk, d), seed=sq * 100 + sk + d)
-    out = ops.int8_attention(q, k, v, scalar(sq_), scalar(sk_), scalar(sv_), causal=causal, out_dtype=torch.float32)
+    out = ops.int8_attention(q, k, v, scalar(sq_), scalar(sk_), scalar(sv_), causal=causal, out_dtype=torch.float32,
+                             p_quant="static")
     vf = v.double() * sv_
     exact, p = attention64(q.double() * sq_, k.double() * sk_, vf, causal=causal)
     err = (out.double() - exact).abs()
@@ -383,7 +384,8 @@ def test_keys_padded_to_16_get_no_probability():
     q = torch.full((1, 1, 1, 16), 127, dtype=torch.int8)
     k = torch.full((1, 1, 17, 16), -127, dtype=torch.int8)
     v = torch.full((1, 1, 17, 16), 100, dtype=torch.int8)
-    out = ops.int8_attention(q, k, v, scalar(0.1), scalar(0.1), scalar(0.01), out_dtype=torch.float32)
+    out = ops.int8_attention(q, k, v, scalar(0.1), scalar(0.1), scalar(0.01), out_dtype=torch.float32,
+                             p_quant="static")
     # exact: 1.0; P = rint(127 / 17) / 127 per key = 7 / 127, so the INT8 result is 17 * 7 / 127
     assert torch.allclose(out, torch.full_like(out, 17 * 7 / 127), rtol=1e-6)
 
@@ -426,7 +428,8 @@ def test_v_transposed_and_int8_output_agree_with_the_default_path():
 
 def test_sm_scale_is_folded_into_the_qk_scale():
     (q, k, v), (a, b, c) = quantized_inputs((1, 1, 4, 64), (1, 1, 16, 64), seed=14)
-    out = ops.int8_attention(q, k, v, scalar(a), scalar(b), scalar(c), sm_scale=0.5, out_dtype=torch.float32)
+    out = ops.int8_attention(q, k, v, scalar(a), scalar(b), scalar(c), sm_scale=0.5, out_dtype=torch.float32,
+                             p_quant="static")
     exact, p = attention64(q.double() * a, k.double() * b, v.double() * c, sm_scale=0.5)
     assert ((out.double() - exact).abs() <= p_quantization_bound(p, v.double() * c) + 1e-6).all()
 

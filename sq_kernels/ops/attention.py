@@ -262,16 +262,16 @@ def int8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_scale: t
                    k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None, *,
                    causal: bool = False, sm_scale: float | None = None, out_dtype: torch.dtype = torch.float16,
                    out_scale: torch.Tensor | None = None, v_transposed: bool = False,
-                   p_quant: str = "static") -> torch.Tensor:
+                   p_quant: str = "rowmax") -> torch.Tensor:
     """Attention with both matmuls in INT8 (SmoothQuant's Figure 6)::
 
         s     = bmm_qk(q, k, q_scale * k_scale * sm_scale)       fp32 scores
         s     = -inf where masked (causal, and key padding)
-      p_quant="static" (the paper's and torch-int's scheme):
+      p_quant="static" (the paper's and torch-int's scheme; opt-in):
         p     = softmax(s, dim=-1)                                 fp32
         p_q   = rint(p * 127)                                      int8, static scale 1/127
         out   = bmm_pv(p_q, v^T, v_scale / 127, out_dtype, out_scale)
-      p_quant="rowmax":
+      p_quant="rowmax" (the default: the robust one):
         e     = exp(s - max_j s)                                   fp32, the row's largest entry is 1
         p_q   = rint(e * 127)                                      int8, the largest is exactly 127
         out   = bmm_pv(p_q, v^T, v_scale, float32) / sum_j p_q     normalised by the integer row sum
@@ -292,7 +292,7 @@ def int8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_scale: t
         sm_scale: softmax scale, default ``1 / sqrt(D)``.
         out_dtype: torch.float16, torch.float32, or torch.int8 with ``out_scale``.
         out_scale: float32 1-element static scale of an int8 output.
-        p_quant: "static" (default) or "rowmax", see above.
+        p_quant: "rowmax" (default) or "static" (the paper's 1/127 scale), see above.
     Returns:
         ``[..., Sq, D]`` in ``out_dtype``.
 

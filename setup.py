@@ -14,6 +14,7 @@ Environment:
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -22,8 +23,18 @@ from pathlib import Path
 from setuptools import setup
 
 ROOT = Path(__file__).resolve().parent
-sys.path.insert(0, str(ROOT / "csrc"))
-import build_config  # noqa: E402  (csrc/build_config.py: the one source list and flag set)
+
+
+def _load_build_config():
+    """csrc/build_config.py (the one source list and flag set), loaded by path: putting csrc/ on
+    sys.path would let csrc/torch/ pass for a `torch` namespace package in an isolated build."""
+    spec = importlib.util.spec_from_file_location("sq_kernels_build_config", ROOT / "csrc" / "build_config.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+build_config = _load_build_config()
 
 
 def _flag(name: str) -> bool:

@@ -10,7 +10,6 @@ the CUDA tests.
 """
 from __future__ import annotations
 
-import re
 
 import pytest
 import torch
@@ -18,6 +17,7 @@ import torch.nn.functional as F
 
 from sq_kernels import ops
 from sq_kernels.ops import quant
+from _checks import error_names
 
 ACT_QUANT = torch.ops.sq_kernels.act_quant.default
 SILU_MUL = torch.ops.sq_kernels.silu_mul_quant.default
@@ -210,9 +210,6 @@ def bad_inputs(device, other_device):
     ]
 
 
-def error_names(exc: BaseException, op_name: str, names) -> bool:
-    msg = str(exc)
-    return op_name in msg and any(re.search(rf"(?<![\w.]){re.escape(n)}(?!\w)", msg) for n in names)
 
 
 _CPU_BAD = bad_inputs("cpu", "meta")

@@ -16,6 +16,7 @@ import torch
 
 from sq_kernels import ops
 from sq_kernels.ops import gemm
+from _checks import error_names
 
 SCALED_MM = torch.ops.sq_kernels.scaled_mm.default
 INT8_MM = torch.ops.sq_kernels.int8_mm.default
@@ -440,9 +441,6 @@ def int8_mm_bad_inputs(device, other_device):
     ]
 
 
-def error_names(exc: BaseException, op_name: str, names) -> bool:
-    msg = str(exc)
-    return op_name in msg and any(re.search(rf"(?<![\w.]){re.escape(n)}(?!\w)", msg) for n in names)
 
 
 def call_scaled_mm(kw, path):

@@ -11,7 +11,6 @@ is reused by the CUDA tests.
 """
 from __future__ import annotations
 
-import re
 
 import pytest
 import torch
@@ -19,6 +18,7 @@ import torch.nn.functional as F
 
 from sq_kernels import ops
 from sq_kernels.ops import quant
+from _checks import error_names
 
 RMS = torch.ops.sq_kernels.rms_norm_quant.default
 ADD_RMS = torch.ops.sq_kernels.add_rms_norm_quant.default
@@ -327,9 +327,6 @@ def bad_inputs(device, other_device):
     return cases
 
 
-def error_names(exc: BaseException, op_name: str, names) -> bool:
-    msg = str(exc)
-    return op_name in msg and any(re.search(rf"(?<![\w.]){re.escape(n)}(?!\w)", msg) for n in names)
 
 
 _CPU_BAD = bad_inputs("cpu", "meta")

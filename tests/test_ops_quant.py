@@ -11,13 +11,13 @@ The bad-input table ``bad_inputs(device, other_device)`` is reused by the CUDA t
 """
 from __future__ import annotations
 
-import re
 
 import pytest
 import torch
 
 from sq_kernels import ops
 from sq_kernels.ops import quant
+from _checks import error_names
 
 PER_TOKEN = torch.ops.sq_kernels.quantize_per_token.default
 PER_TENSOR = torch.ops.sq_kernels.quantize_per_tensor_dynamic.default
@@ -264,9 +264,6 @@ def bad_inputs(device, other_device):
     return cases
 
 
-def error_names(exc: BaseException, op_name: str, names) -> bool:
-    msg = str(exc)
-    return op_name in msg and any(re.search(rf"(?<![\w.]){re.escape(n)}(?!\w)", msg) for n in names)
 
 
 _CPU_BAD = bad_inputs("cpu", "meta")

@@ -10,6 +10,7 @@
 # `pytest` (not `python -m pytest`) keeps the source tree off sys.path, so the installed package
 # with its compiled _C is the one imported.
 # Steps: build (always first if named), sass (wgmma in the binary?), tests (pytest $TESTS),
+#        sanitize (compute-sanitizer $SANITIZE_TOOLS over tools/sanitize_paths.py $SANITIZE_ARGS),
 #        bench (python $BENCH), paths (tools/gemm_paths.py $PATHS_ARGS), cmd ($CMD in the build tree).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -67,6 +68,18 @@ for step in $STEPS; do
         timeout ${BENCH_TIMEOUT:-300} python3 $b --out /tmp/bench_out 2>&1 | tee -a "$OUT/bench.log" | tail -40
       done
       tar -czf "$OUT/bench_results.tgz" -C /tmp/bench_out .  # one file: the tool returns at most 8
+      ;;
+    sanitize)
+      # memcheck and racecheck over one call per kernel path (tools/sanitize_paths.py compares each with
+      # the CPU reference, so a clean report also proves the kernels ran)
+      cs=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+      for tool in ${SANITIZE_TOOLS:-memcheck racecheck}; do
+        log "compute-sanitizer --tool $tool ${SANITIZE_ARGS:-}"
+        PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout ${SANITIZE_TIMEOUT:-600} "$cs" --tool "$tool" --error-exitcode 1 \
+          python3 tools/sanitize_paths.py ${SANITIZE_ARGS:-} > "$OUT/sanitize_$tool.log" 2>&1
+        rc=$?
+        log "$tool rc=$rc: $(grep -c '^ok' "$OUT/sanitize_$tool.log") ok, $(grep -c '^FAIL' "$OUT/sanitize_$tool.log") FAIL; $(grep -m1 'ERROR SUMMARY' "$OUT/sanitize_$tool.log")"
+      done
       ;;
     paths)
       log "gemm paths ${PATHS_ARGS:-}"

@@ -1,0 +1,49 @@
+"""torch.compile on whole quantized models (CPU, reference ops): ``fullgraph=True`` must trace the W8A8
+model without a graph break, and the compiled logits must equal the eager ones.
+
+The MoE experts (Mixtral) read the routing on the host, as transformers' eager experts do, so they are
+the one documented graph break: ``fullgraph=True`` names it, and the default (graph breaks allowed)
+still compiles and matches."""
+import copy
+
+import pytest
+import torch
+
+import sq_kernels as sq
+
+from conftest import calib_tokens, make_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _quantized(family, scheme):
+    model = make_model(family)
+    sq.smoothquant(model, calib_tokens(), sq.SmoothQuantConfig(progress=False, scheme=scheme))
+    return model
+
+
+def _logits(model, x):
+    with torch.no_grad():
+        return model(x).logits
+
+
+@pytest.mark.parametrize("family,scheme", [("llama", "W8A8"), ("opt", "O3"), ("bloom", "O2")])
+def test_fullgraph_compile_matches_eager(family, scheme):
+    torch._dynamo.reset()
+    model = _quantized(family, scheme)
+    x = calib_tokens(2, 16, seed=3)
+    eager = _logits(model, x)
+    compiled = _logits(torch.compile(model, fullgraph=True), x)
+    # Inductor may fuse the float parts (norms, softmax) in another order: float32 rounding only
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+
+
+def test_moe_experts_are_the_one_graph_break():
+    torch._dynamo.reset()
+    model = _quantized("mixtral", "W8A8")
+    x = calib_tokens(2, 16, seed=3)
+    eager = _logits(model, x)
+    with pytest.raises(Exception, match="(?i)graph break|data-dependent|tolist|item"):
+        _logits(torch.compile(copy.deepcopy(model), fullgraph=True), x)
+    torch._dynamo.reset()
+    torch.testing.assert_close(_logits(torch.compile(model), x), eager, rtol=1e-4, atol=1e-4)

@@ -59,6 +59,18 @@ def time_cuda(fn, args_list, warmup: int = 10, iters: int = 50, graph: bool = Fa
     return times[len(times) // 2]
 
 
+def copy_bandwidth_gbs(graph: bool = True) -> float:
+    """Device copy bandwidth in GB/s (bytes read + written) of a 1 GiB fp16 ``copy_``: the practical
+    ceiling that memory-bound kernels are measured against."""
+    n = 1 << 29
+    src = torch.randn(n, device="cuda", dtype=torch.float16)
+    dst = torch.empty_like(src)
+    us = time_cuda(lambda s, d: d.copy_(s), [(src, dst)], warmup=5, iters=20, graph=graph)
+    del src, dst
+    torch.cuda.empty_cache()
+    return 2 * n * 2 / (us * 1e-6) / 1e9
+
+
 def git_commit() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import copies_for, environment, format_table, time_cuda, write_results  # noqa: E402
+from _timing import copies_for, copy_bandwidth_gbs, environment, format_table, time_cuda, write_results  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 HEADS, HEAD_DIM = 32, 128
@@ -93,7 +93,7 @@ def tops(bh, sq, sk, d, us):
     return 2.0 * bh * sq * sk * d / (us * 1e-6) / 1e12
 
 
-def bench_bmm(phase, bh, sq, sk, graph, notes):
+def bench_bmm(phase, bh, sq, sk, graph):
     """Rows for Q·Kᵀ and P·V at one point."""
     from sq_kernels import ops
     hook = torch.ops._sq_kernels_C.scaled_bmm_path
@@ -129,6 +129,13 @@ def bench_bmm(phase, bh, sq, sk, graph, notes):
             row["int8_f32_us"] = ""
             row["fp16_bmm_us"] = timed(lambda a, b: torch.bmm(a, b), list(zip(a16, b16)), graph)
         row["int8_x_fp16"] = row["fp16_bmm_us"] / row["int8_f16_us"]
+        # bytes each must move at least (operands read once, fp16 output written once): where the output
+        # dominates (Q·Kᵀ writes Sq x Sk scores for D = 128 inputs), int8 operands save little, and at the
+        # bandwidth torch.bmm already reaches the speedup is capped at fp16 bytes / int8 bytes
+        int8_bytes, fp16_bytes = bh * (m * k + n * k) + 2 * bh * m * n, 2 * bh * (m * k + n * k) + 2 * bh * m * n
+        row["int8_GBs"] = int8_bytes / (row["int8_f16_us"] * 1e3)
+        row["fp16_GBs"] = fp16_bytes / (row["fp16_bmm_us"] * 1e3)
+        row["mem_cap_x"] = fp16_bytes / int8_bytes
         row["int8_tops"] = tops(bh, m, n, k, row["int8_f16_us"])
         row["fp16_tflops"] = tops(bh, m, n, k, row["fp16_bmm_us"])
         for p, name in PATHS.items():
@@ -202,7 +209,8 @@ def bench_attention(phase, bh, sq, sk, graph, notes):
 
 # ----------------------------------------------------------------------------------------------
 BMM_COLS = ["phase", "op", "BH", "M", "N", "K", "path", "int8_f16_us", "int8_f32_us", "fp16_bmm_us", "int8_x_fp16",
-            "int8_tops", "fp16_tflops", "small_m_us", "tile64_us", "tile128_us", "check"]
+            "int8_GBs", "fp16_GBs", "mem_cap_x", "int8_tops", "fp16_tflops", "small_m_us", "tile64_us",
+            "tile128_us", "check"]
 ATT_COLS = ["phase", "BH", "Sq", "Sk", "sdpa_us", "fp16_unfused_us", "int8_static_us", "int8_rowmax_us",
             "int8_static_x_sdpa", "int8_static_x_fp16_unfused", "int8_static_rel_err", "int8_rowmax_rel_err",
             "fp16_unfused_rel_err"]
@@ -218,6 +226,13 @@ def targets(bmm_rows, att_rows):
         desc = ", ".join(f"S={r['M']}: {r['int8_x_fp16']:.2f}x" for r in pts)
         lines.append(f"- INT8 BMM >= {BMM_TARGET}x torch.bmm FP16 for sequence >= 1024, {name}: "
                      f"{'MET' if not missed else 'MISSED'} ({desc})")
+        capped = [r for r in missed if r["mem_cap_x"] < BMM_TARGET]
+        if capped:
+            lines.append("  - out of reach for a kernel that writes its output at " + ", ".join(
+                f"S={r['M']} (torch.bmm at {r['fp16_GBs']:.0f} GB/s, int8 moves 1/{r['mem_cap_x']:.2f} of its bytes)"
+                for r in capped) + f": {BMM_TARGET}x would need more than the bandwidth torch.bmm already "
+                "reaches (copy bandwidth: see the header). Only a kernel that never writes the Sq x Sk scores "
+                "(softmax fused in) can get there.")
     dec = [r for r in bmm_rows if r["phase"] == "decode"]
     if dec:
         lines.append("- Decode (not a target): " + ", ".join(f"{r['op']} Sk={r['K'] if r['op'] == 'pv' else r['N']}: "
@@ -248,7 +263,8 @@ def write_markdown(path: Path, bmm_rows, att_rows, meta, notes):
              f"Device: {meta.get('device', '?')} ({meta.get('sms', '?')} SMs, compute capability "
              f"{meta.get('capability', '?')}); date: {meta['date']}; commit: {meta['commit']}; "
              f"torch {meta['torch']} (CUDA {meta['cuda']}).",
-             f"Command: `{meta['command']}`; wall time {meta['wall_s']:.0f} s.", "",
+             f"Command: `{meta['command']}`; wall time {meta['wall_s']:.0f} s; device copy bandwidth "
+             f"{meta.get('copy_GBs', '?')} GB/s (`copy_GBs`).", "",
              f"Heads {HEADS}, head dim {HEAD_DIM}. Prefill: one sequence (batch x heads = {HEADS}), causal. "
              f"Decode: {DECODE_BATCH} sequences x {HEADS} heads, one query against a cache of Sk keys. "
              "Times in microseconds (medians). BMM speedup = torch.bmm FP16 time / INT8 time (fp16 out). "
@@ -323,10 +339,12 @@ def main(argv=None) -> int:
         return 2
     graph = not args.eager
     notes = []
+    copy_gbs = copy_bandwidth_gbs(graph)
+    print(f"device copy bandwidth: {copy_gbs:.0f} GB/s (bytes read + written by a 1 GiB copy)")
     t0 = time.monotonic()
     bmm_rows, att_rows = [], []
     for phase, bh, sq, sk in points:
-        rows = bench_bmm(phase, bh, sq, sk, graph, notes)
+        rows = bench_bmm(phase, bh, sq, sk, graph)
         print(format_table(rows, BMM_COLS), flush=True)
         bmm_rows += rows
         att = bench_attention(phase, bh, sq, sk, graph, notes)
@@ -334,7 +352,8 @@ def main(argv=None) -> int:
         att_rows.append(att)
     meta = environment()
     meta.update(eager=args.eager, command="python benchmarks/bench_attention.py " + " ".join(argv or sys.argv[1:]),
-                wall_s=time.monotonic() - t0, heads=HEADS, head_dim=HEAD_DIM, decode_batch=DECODE_BATCH,
+                wall_s=time.monotonic() - t0, copy_GBs=round(copy_gbs, 1), heads=HEADS, head_dim=HEAD_DIM,
+                decode_batch=DECODE_BATCH,
                 sdpa_flash=torch.backends.cuda.flash_sdp_enabled())
     out_dir = Path(args.out)
     stem = args.name or ("attention_quick" if args.quick else "attention")

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import copies_for, environment, format_table, time_cuda, write_results  # noqa: E402
+from _timing import copies_for, copy_bandwidth_gbs, environment, format_table, time_cuda, write_results  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 M_ALL = [1, 16, 256, 4096, 16384]
@@ -122,15 +122,6 @@ def timed(fn, args_list, graph):
     iters = int(min(MAX_ITERS, max(MIN_ITERS, TARGET_CALL_S / max(probe * 1e-6, 1e-9))))
     return time_cuda(fn, args_list, warmup=5, iters=iters, graph=graph)
 
-
-def copy_bandwidth_gbs(graph) -> float:
-    n = 1 << 29  # 1 GiB of fp16 per buffer
-    src = torch.randn(n, device="cuda", dtype=torch.float16)
-    dst = torch.empty_like(src)
-    us = time_cuda(lambda s, d: d.copy_(s), [(src, dst)], warmup=5, iters=20, graph=graph)
-    del src, dst
-    torch.cuda.empty_cache()
-    return 2 * n * 2 / (us * 1e-6) / 1e9
 
 
 def run_point(variant, m, h, dtype, copy_gbs, graph):

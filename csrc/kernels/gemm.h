@@ -8,6 +8,9 @@
 //   out      = convert(y)                            fp16 / bf16, round to nearest even
 //   out      = sat_int8(rint(y / out_scale))         int8
 //   out      = acc                                   int32 (no scales, no bias)
+// NaN y with int8 output has no defined code: the small-M kernel (cvt.rni.sat) writes 0, the
+// CUTLASS epilogues (float->int then saturating pack) write -128. Inputs here are finite int8 and
+// finite scales, so only a NaN/inf scale or bias can produce it.
 // Layouts: a [M,K] row-major (row stride lda), w [N,K] row-major (the nn.Linear layout, row stride
 // ldw), out [M,N] row-major (row stride ldo); K-contiguous operands are what INT8 tensor cores take.
 // Alignment every path relies on: K % 16 == 0, N % 16 == 0, lda/ldw/ldo % 16 == 0, a/w/out base

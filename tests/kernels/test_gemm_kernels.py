@@ -118,20 +118,26 @@ def assert_within_rounding(out, y64, mag64, what):
                              f"got {o[i].item()!r}, exact {y64[i].item()!r}, bound {bound[i].item():.3g}")
 
 
-def assert_agrees_with_reference(out, ref, what):
-    """Kernel vs the PyTorch reference (same float32 epilogue but for the fma): within one spacing, mostly equal."""
+def assert_agrees_with_reference(out, ref, mag64, what):
+    """Kernel vs the PyTorch reference (same float32 epilogue but for the fma): mostly bitwise equal, and
+    within one spacing plus two float32 roundings of the terms' size. The kernel computes
+    fma(a_scale, t, bias) (gemm.h) where the reference rounds a_scale * t before adding the bias; under
+    cancellation (|y| << |bias|) that one extra rounding is worth several output ulps."""
     o, r = out.double(), ref.double()
-    bad = ~((o - r).abs() <= ulp(r, out.dtype))
-    assert not bad.any(), f"{what}: {int(bad.sum())} elements differ from the reference by more than 1 ulp"
+    bad = ~((o - r).abs() <= ulp(r, out.dtype) + 2 * 2.0 ** -24 * mag64)
+    assert not bad.any(), f"{what}: {int(bad.sum())} elements differ from the reference beyond the fma rounding"
     same = (out == ref).double().mean().item() if out.numel() else 1.0
     assert same >= 0.99, f"{what}: only {same:.4f} of the elements equal the reference bitwise"
 
 
 def assert_int8_close(out, y64, out_scale, what):
-    want = torch.clamp(torch.round(y64 / out_scale.double().item()), -128, 127)
+    ratio = y64 / out_scale.double().item()
+    want = torch.clamp(torch.round(ratio), -128, 127)
     diff = (out.double() - want).abs()
     assert diff.max().item() <= 1, f"{what}: int8 output off by {diff.max().item()} at {diff.argmax().item()}"
-    sat = (want == 127) | (want == -128)
+    # Saturated wherever any float32 rounding of the epilogue saturates: half a step past the
+    # rounding boundary (an exact 126.5000001 may come out of float32 as 126.4999 and round to 126).
+    sat = (ratio >= 127) | (ratio <= -128)
     assert torch.equal(out.double()[sat], want[sat]), f"{what}: saturated elements differ"
 
 
@@ -278,7 +284,7 @@ def check_scaled(out, a, w, a_scale, w_scale, bias, out_dtype, relu, acc, what, 
     assert out.dtype == out_dtype and out.shape == (a.shape[0], w.shape[0])
     assert_within_rounding(out, y64, mag, what)
     ref = gemm._scaled_mm_reference(a, w, a_scale, w_scale, bias, out_dtype, None, relu)
-    assert_agrees_with_reference(out, ref, what)
+    assert_agrees_with_reference(out, ref, mag, what)
 
 
 @pytest.mark.parametrize("a_gran,w_gran", GRANS, ids=[f"a_{a}-w_{w}" for a, w in GRANS])

@@ -212,6 +212,9 @@ def test_m_zero_returns_empty_outputs_without_launching():
         assert q.shape == (0, 64) and s.tolist() == [0.5]
 
 
+VECTOR_VIEWS = ("aligned_row_stride", "every_other_row", "expanded_row")  # row stride % 8 == 0, 16-byte aligned
+
+
 def test_strided_views_take_the_right_path_and_agree():
     h = 4096
     wide = activations(10, h + 64, torch.bfloat16, seed=5)
@@ -232,7 +235,14 @@ def test_strided_views_take_the_right_path_and_agree():
                 got = call(norm, x, ww, b, 1e-5, r)
                 assert_matches(got, reference(norm, x, ww, b, 1e-5, r), f"{name}/{norm}")
                 contiguous = call(norm, x.contiguous(), ww, b, 1e-5, r.contiguous())
-                assert all(torch.equal(a, c) for a, c in zip(got, contiguous)), f"{name}/{norm} vs contiguous"
+                # Bitwise only where both calls run the same launch: the view and its copy take the
+                # 16-byte path (VECTOR_VIEWS, aligned weight) or both the scalar one (unaligned weight).
+                # Otherwise the row sums are formed in another order (quant.h: "up to the order of the
+                # row sums") and scales may differ in the last bit.
+                if name in VECTOR_VIEWS or ww is w_odd:
+                    assert all(torch.equal(a, c) for a, c in zip(got, contiguous)), f"{name}/{norm} vs contiguous"
+                else:
+                    assert_matches(got, contiguous, f"{name}/{norm} vs contiguous")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -22,40 +22,55 @@ def copies_for(bytes_per_set: int, minimum: int = 2, maximum: int = 64) -> int:
     return max(minimum, min(maximum, -(-L2_FLUSH_BYTES // max(1, bytes_per_set))))
 
 
-def time_cuda(fn, args_list, warmup: int = 10, iters: int = 50, graph: bool = False) -> float:
+def time_cuda(fn, args_list, warmup: int = 10, iters: int = 50, graph: bool = False,
+              back_to_back: bool = False) -> float:
     """Median time in microseconds of ``fn(*args)``, rotating over ``args_list`` (a list of arg tuples).
 
     With ``graph=True`` each call is captured once per argument set in a CUDA graph and the replays
-    are timed, which removes Python and launch overhead (what a serving engine sees).
+    are timed, which removes Python and launch overhead. Each replay is still a graph launch of its
+    own, so a few microseconds of launch latency stay in every sample (it dominates at decode sizes).
+    With ``back_to_back=True`` (implies graph) all the argument sets are captured one after another in
+    one graph, as a serving engine captures a whole decode step, and a replay's time divided by the
+    number of calls is the sample: kernels then start as soon as the previous one ends. The rotation
+    still keeps each call's inputs out of L2 (the other sets have evicted them).
     """
     n = len(args_list)
-    if graph:
-        graphs = []
+    if graph or back_to_back:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for args in args_list:  # warm the allocator and any lazy init outside capture
                 fn(*args)
         torch.cuda.current_stream().wait_stream(stream)
-        for args in args_list:
+        if back_to_back:
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g):
-                fn(*args)
-            graphs.append(g)
-        call = [g.replay for g in graphs]
+                for args in args_list:
+                    fn(*args)
+            call, per_sample = [g.replay], n
+        else:
+            graphs = []
+            for args in args_list:
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g):
+                    fn(*args)
+                graphs.append(g)
+            call, per_sample = [g.replay for g in graphs], 1
     else:
-        call = [(lambda a=args: fn(*a)) for args in args_list]
+        call, per_sample = [(lambda a=args: fn(*a)) for args in args_list], 1
+    if per_sample > 1:  # each sample is n calls already
+        warmup, iters = max(2, -(-warmup // n)), max(5, -(-iters // n))
     for i in range(warmup):
-        call[i % n]()
+        call[i % len(call)]()
     torch.cuda.synchronize()
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
     for i in range(iters):
         starts[i].record()
-        call[i % n]()
+        call[i % len(call)]()
         ends[i].record()
     torch.cuda.synchronize()
-    times = sorted(s.elapsed_time(e) * 1e3 for s, e in zip(starts, ends))
+    times = sorted(s.elapsed_time(e) * 1e3 / per_sample for s, e in zip(starts, ends))
     return times[len(times) // 2]
 
 

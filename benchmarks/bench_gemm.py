@@ -70,15 +70,37 @@ def parse_args(argv=None):
     ap.add_argument("--shapes", default="", help="comma-separated layer names (qkv, o, fc1, ...) or NxK shapes to keep")
     ap.add_argument("--m", default="", help="comma-separated M values (default: 1,16,64,256,1024,4096,8192)")
     ap.add_argument("--graph", action="store_true", help="time CUDA-graph replays (no Python/launch overhead)")
+    ap.add_argument("--back-to-back", action="store_true",
+                    help="capture the rotated calls one after another in one CUDA graph and report a replay's time "
+                         "per call: no graph-launch latency in the sample, as in a serving engine's captured decode "
+                         "step (implies --graph)")
     ap.add_argument("--torchao", action="store_true", help="also time torchao int8 dynamic W8A8 (compiles per shape)")
     ap.add_argument("--no-peers", action="store_true", help="only cuBLAS FP16/BF16 and ours")
     ap.add_argument("--budget-s", type=float, default=330.0,
                     help="after this many seconds the peers (int_mm_dq, bnb_int8, torchao) are skipped for the "
                          "remaining points, and the summary says where (default 330)")
     ap.add_argument("--out", default=str(RESULTS), help="output directory (default benchmarks/results)")
-    ap.add_argument("--name", default="", help="file stem (default gemm, gemm_quick with --quick, +_graph with --graph)")
+    ap.add_argument("--name", default="", help="file stem (default gemm, gemm_quick with --quick, +_graph with --graph, "
+                    "+_b2b with --back-to-back)")
     ap.add_argument("--list", action="store_true", help="print the planned points and exit (no GPU needed)")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    args.graph = args.graph or args.back_to_back
+    return args
+
+
+def timing_mode(args) -> str:
+    return "b2b" if args.back_to_back else "graph" if args.graph else "eager"
+
+
+TIMING_TITLE = {"eager": "eager", "graph": "CUDA graphs", "b2b": "CUDA graphs, calls back to back"}
+TIMING_NOTE = {
+    "eager": "Timing: eager calls (Python and launch overhead included), median over rotated input sets.",
+    "graph": "Timing: each sample is one replay of a CUDA graph holding one call, so the graph-launch latency "
+             "(a few us) is in every sample; at decode sizes it is a large part of both times.",
+    "b2b": "Timing: each sample is one replay of a CUDA graph holding all the rotated calls back to back, divided "
+           "by their number (a serving engine's captured decode step): no graph-launch latency per call, inputs "
+           "still evicted from L2 by the other sets.",
+}
 
 
 def plan(args) -> list[tuple[str, str, int, int, list[int]]]:
@@ -135,7 +157,7 @@ def torchao_linear(n: int, k: int):
 # ----------------------------------------------------------------------------------------------
 # Measurement
 # ----------------------------------------------------------------------------------------------
-def measure(fn, sets, graph: bool) -> float:
+def measure(fn, sets, mode: str) -> float:
     """Median microseconds of fn over the rotated argument sets; iterations scaled to the call's cost."""
     fn(*sets[0])  # first call: lazy initialisation, autotuning, allocator growth
     torch.cuda.synchronize()
@@ -148,7 +170,7 @@ def measure(fn, sets, graph: bool) -> float:
     per_call = start.elapsed_time(end) / 1e3 / min(2, len(sets))
     iters = int(min(MAX_ITERS, max(MIN_ITERS, TARGET_CALL_S / max(per_call, 1e-6))))
     warmup = min(10, max(2, iters // 5))
-    return time_cuda(fn, sets, warmup=warmup, iters=iters, graph=graph)
+    return time_cuda(fn, sets, warmup=warmup, iters=iters, graph=mode != "eager", back_to_back=mode == "b2b")
 
 
 def sanity_check(out: torch.Tensor, a_q, w_f32, a_scale, w_scale) -> str:
@@ -169,6 +191,7 @@ def sanity_check(out: torch.Tensor, a_q, w_f32, a_scale, w_scale) -> str:
 
 def bench_shape(model, layer, n, k, ms, args, ours, bnb_op, deadline, notes) -> list[dict]:
     dev = "cuda"
+    mode = timing_mode(args)
     rows = []
     w_bytes16 = n * k * 2
     n_w16 = copies_for(w_bytes16)  # weight copies: at small M the weight is the working set
@@ -196,12 +219,12 @@ def bench_shape(model, layer, n, k, ms, args, ours, bnb_op, deadline, notes) -> 
         bf16_sets = [(abf[i], wbf[i % n_w16]) for i in range(sets16)]
         int8_sets = [(a8[i], w8[i % n_w8], a_scale[i], w_scale[i % n_w8]) for i in range(sets8)]
 
-        row["fp16_us"] = measure(F.linear, fp16_sets, args.graph)
-        row["bf16_us"] = measure(F.linear, bf16_sets, args.graph)
+        row["fp16_us"] = measure(F.linear, fp16_sets, mode)
+        row["bf16_us"] = measure(F.linear, bf16_sets, mode)
         if ours:
             for dtype, key in ((torch.float16, "ours_fp16_us"), (torch.bfloat16, "ours_bf16_us")):
                 row[key] = measure(lambda a, w, sa, sw, dt=dtype: ours(a, w, sa, sw, None, dt, None, False),
-                                   int8_sets, args.graph)
+                                   int8_sets, mode)
             out = ours(a8[0], w8[0], a_scale[0], w_scale[0], None, torch.float16, None, False)
             row["check"] = sanity_check(out, a8[0], w8_f32, a_scale[0], w_scale[0])
             if row["check"] != "ok":
@@ -214,22 +237,22 @@ def bench_shape(model, layer, n, k, ms, args, ours, bnb_op, deadline, notes) -> 
             if m > 16 and k % 8 == 0 and n % 8 == 0:
                 def int_mm_dq(a, w, sa, sw):
                     return (torch._int_mm(a, w.t()) * sa[:, None]).mul_(sw).to(torch.float16)
-                row["int_mm_dq_us"] = try_measure(int_mm_dq, int8_sets, args.graph, "int_mm_dq", notes, model, layer, m)
+                row["int_mm_dq_us"] = try_measure(int_mm_dq, int8_sets, mode, "int_mm_dq", notes, model, layer, m)
             if bnb_op is not None:
                 bnb_sets = [(a, w, sa * 127.0, sw * 127.0) for a, w, sa, sw in int8_sets]  # bnb takes absmax stats
                 row["bnb_int8_us"] = try_measure(lambda a, w, ra, ca: bnb_op(a, w, ra, ca, None, torch.float16),
-                                                 bnb_sets, args.graph, "bnb_int8", notes, model, layer, m)
+                                                 bnb_sets, mode, "bnb_int8", notes, model, layer, m)
             if ao is not None:
-                row["torchao_us"] = try_measure(lambda a, w: ao(a), fp16_sets, args.graph, "torchao", notes,
+                row["torchao_us"] = try_measure(lambda a, w: ao(a), fp16_sets, mode, "torchao", notes,
                                                 model, layer, m)
         rows.append(finish_row(row, m, n, k))
         del a16, abf, a8, a_scale, fp16_sets, bf16_sets, int8_sets
     return rows
 
 
-def try_measure(fn, sets, graph, name, notes, model, layer, m):
+def try_measure(fn, sets, mode, name, notes, model, layer, m):
     try:
-        return measure(fn, sets, graph)
+        return measure(fn, sets, mode)
     except Exception as exc:  # noqa: BLE001  (a peer that rejects a shape or cannot be captured)
         torch.cuda.synchronize()
         notes.append(f"{name} failed at {model} {layer} M={m}: {type(exc).__name__}: {str(exc).splitlines()[0]}")
@@ -312,7 +335,8 @@ def targets(rows) -> list[str]:
 
 def write_markdown(path: Path, rows, meta, notes):
     ms = sorted({r["M"] for r in rows})
-    lines = [f"# INT8 GEMM benchmark ({'CUDA graphs' if meta['graph'] else 'eager'})", "",
+    mode = meta.get("timing", "graph" if meta["graph"] else "eager")
+    lines = [f"# INT8 GEMM benchmark ({TIMING_TITLE[mode]})", "",
              f"Device: {meta.get('device', '?')} ({meta.get('sms', '?')} SMs, compute capability "
              f"{meta.get('capability', '?')}); "
              f"date: {meta['date']}; commit: {meta['commit']}; torch {meta['torch']} (CUDA {meta['cuda']}).",
@@ -320,6 +344,7 @@ def write_markdown(path: Path, rows, meta, notes):
              "Ours = `sq_kernels::scaled_mm` (int8 x int8, per-token a_scale x per-channel w_scale, fused "
              "dequantization, fp16 or bf16 out). Speedups are cuBLAS FP16 time / method time, same run; "
              "ours bf16 is compared with cuBLAS BF16. Full data: the .csv/.json beside this file.", "",
+             TIMING_NOTE[mode], "",
              "## Targets (issue 3)", ""] + targets(rows) + ["", "## Geometric-mean speedup over cuBLAS FP16, by M", ""]
     methods = [("ours_fp16_x_fp16", "ours fp16"), ("ours_bf16_x_bf16", "ours bf16 (vs BF16)"),
                ("int_mm_dq_x_fp16", "_int_mm + dequant"), ("bnb_int8_x_fp16", "bitsandbytes int8"),
@@ -424,7 +449,7 @@ def main(argv=None) -> int:
     bnb_op, bnb_note = (None, "peers disabled") if args.no_peers else load_bnb()
     if bnb_op is None and not args.no_peers:
         notes.append(bnb_note)
-    name = args.name or ("gemm_quick" if args.quick else "gemm") + ("_graph" if args.graph else "")
+    name = args.name or ("gemm_quick" if args.quick else "gemm") + {"eager": "", "graph": "_graph", "b2b": "_b2b"}[timing_mode(args)]
     out_dir = Path(args.out)
     t0 = time.monotonic()
     deadline = t0 + args.budget_s
@@ -438,7 +463,7 @@ def main(argv=None) -> int:
     if skipped:
         notes.append(f"time budget ({args.budget_s:.0f} s) reached: peers skipped at {', '.join(skipped)}")
     meta = environment()
-    meta.update(graph=args.graph, command="python benchmarks/bench_gemm.py " + " ".join(argv or sys.argv[1:]),
+    meta.update(graph=args.graph, timing=timing_mode(args), command="python benchmarks/bench_gemm.py " + " ".join(argv or sys.argv[1:]),
                 wall_s=time.monotonic() - t0, peers={"bitsandbytes": bnb_note}, methods=METHODS)
     print("\nall points:")
     print_table(rows)

@@ -4,6 +4,7 @@ INT8 peers, on the real layer shapes of Llama-2, OPT and BLOOM.
     python benchmarks/bench_gemm.py                   # the full sweep (< 6 min on an H100)
     python benchmarks/bench_gemm.py --quick           # 3 shapes x M {1,16,256,4096} + 8192^3 (< 1 min)
     python benchmarks/bench_gemm.py --models Llama-2-7B --shapes qkv,4096x11008 --m 1,16 --graph
+    python benchmarks/bench_gemm.py --quick --m 1,16 --back-to-back   # decode sizes, graph-launch latency excluded
     python benchmarks/bench_gemm.py --list            # print the planned points (works without a GPU)
 
 Methods (each timed on its own operands; the int8 ones get pre-quantized int8 operands and float32
@@ -19,7 +20,10 @@ scales, as a W8A8 linear layer would after its activation quantizer):
 
 Timing (benchmarks/_timing.py): CUDA events, warm-up, median; inputs rotated over enough copies
 (weights included) that one call's operands are not left in L2 by the previous call. The number of
-timed calls adapts to the call's cost (more for short calls, at least 5 for the longest).
+timed calls adapts to the call's cost (more for short calls, at least 5 for the longest). Eager by
+default; --graph times replays of a CUDA graph holding one call (its launch latency, a few us, is in
+every sample); --back-to-back replays one graph holding all the rotated calls and divides by their
+number, as a serving engine's captured decode step runs them: the fairest view of decode-size GEMMs.
 Results: <out>/<name>.{json,csv,png,md} with device, date and commit; the .md checks the targets of
 issue 3 (speedups are over cuBLAS FP16 in the same run).
 """

@@ -44,6 +44,13 @@ def test_gemm_timing_modes(bench, flags, mode, suffix):
     assert mode in g.TIMING_TITLE and mode in g.TIMING_NOTE
 
 
+def test_norm_quant_timing_flags(bench):
+    nq = bench("bench_norm_quant")
+    assert nq.parse_args(["--back-to-back"]).back_to_back
+    with pytest.raises(SystemExit):
+        nq.parse_args(["--eager", "--back-to-back"])
+
+
 def test_gemm_plan_filters_and_rejects(bench):
     g = bench("bench_gemm")
     pts = g.plan(g.parse_args(["--models", "Llama-2-7B", "--shapes", "qkv", "--m", "1,16"]))
@@ -81,11 +88,13 @@ def test_gemm_finish_row_fills_every_column(bench):
     assert row["bnb_int8_us"] == "" and row["bnb_int8_x_fp16"] == ""  # absent peers: empty cells, same columns
 
 
-def test_norm_quant_report_from_stored_rows(bench, tmp_path):
+@pytest.mark.parametrize("b2b", [False, True], ids=["graph", "b2b"])
+def test_norm_quant_report_from_stored_rows(bench, tmp_path, b2b):
     nq = bench("bench_norm_quant")
     data = stored("norm_quant_quick")
-    nq.write_markdown(tmp_path / "n.md", data["rows"], data["meta"])
+    nq.write_markdown(tmp_path / "n.md", data["rows"], dict(data["meta"], back_to_back=b2b))
     text = (tmp_path / "n.md").read_text()
+    assert nq.TIMING["b2b" if b2b else "graph"] in text
     lines = nq.target_lines(data["rows"])
     assert lines and all(line in text for line in lines)
     assert all(("MET" in line) or ("MISSED" in line) for line in lines)

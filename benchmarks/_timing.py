@@ -10,11 +10,14 @@ import json
 import os
 import platform
 import subprocess
+import time
 from pathlib import Path
 
 import torch
 
 L2_FLUSH_BYTES = 2 * 64 * 1024 * 1024  # rotate at least this many bytes of inputs (2x a 50-60 MB L2)
+SLEEP_CYCLES_PER_S = 2.0e9  # torch.cuda._sleep counts clock cycles; 2 GHz is above any H100/A100 SM clock,
+HEAD_START_MAX_S = 0.5      # so the head start lasts at least as long as asked (capped at half a second)
 
 
 def copies_for(bytes_per_set: int, minimum: int = 2, maximum: int = 64) -> int:
@@ -28,11 +31,13 @@ def time_cuda(fn, args_list, warmup: int = 10, iters: int = 50, graph: bool = Fa
 
     With ``graph=True`` each call is captured once per argument set in a CUDA graph and the replays
     are timed, which removes Python and launch overhead. Each replay is still a graph launch of its
-    own, so a few microseconds of launch latency stay in every sample (it dominates at decode sizes).
+    own, so the GPU-side gap between two graphs stays in every sample (it weighs at decode sizes).
     With ``back_to_back=True`` (implies graph) all the argument sets are captured one after another in
     one graph, as a serving engine captures a whole decode step, and a replay's time divided by the
     number of calls is the sample: kernels then start as soon as the previous one ends. The rotation
     still keeps each call's inputs out of L2 (the other sets have evicted them).
+    In both graph modes a spinning kernel is queued before the timed replays, so that the host has
+    submitted them all before the GPU reaches them: the samples are GPU time, not host latency.
     """
     n = len(args_list)
     if graph or back_to_back:
@@ -60,11 +65,20 @@ def time_cuda(fn, args_list, warmup: int = 10, iters: int = 50, graph: bool = Fa
         call, per_sample = [(lambda a=args: fn(*a)) for args in args_list], 1
     if per_sample > 1:  # each sample is n calls already
         warmup, iters = max(2, -(-warmup // n)), max(5, -(-iters // n))
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
     for i in range(warmup):
         call[i % len(call)]()
+    enqueue_s = (time.perf_counter() - t0) / max(1, warmup)  # host time to submit one call (upper bound)
     torch.cuda.synchronize()
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    if graph or back_to_back:
+        # Keep the GPU busy while the host submits every timed replay: otherwise a short kernel finishes
+        # before the next replay is submitted, and the start event (already executed) puts the host's
+        # submission latency into the sample. Eager timing keeps that latency on purpose.
+        head_start = min(HEAD_START_MAX_S, iters * (3.0 * enqueue_s + 20e-6) + 2e-4)  # + 2 event records per sample
+        torch.cuda._sleep(int(head_start * SLEEP_CYCLES_PER_S))
     for i in range(iters):
         starts[i].record()
         call[i % len(call)]()

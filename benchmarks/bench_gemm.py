@@ -21,8 +21,8 @@ scales, as a W8A8 linear layer would after its activation quantizer):
 Timing (benchmarks/_timing.py): CUDA events, warm-up, median; inputs rotated over enough copies
 (weights included) that one call's operands are not left in L2 by the previous call. The number of
 timed calls adapts to the call's cost (more for short calls, at least 5 for the longest). Eager by
-default; --graph times replays of a CUDA graph holding one call (its launch latency, a few us, is in
-every sample); --back-to-back replays one graph holding all the rotated calls and divides by their
+default; --graph times replays of a CUDA graph holding one call (the gap between two graph launches
+is in every sample); --back-to-back replays one graph holding all the rotated calls and divides by their
 number, as a serving engine's captured decode step runs them: the fairest view of decode-size GEMMs.
 Results: <out>/<name>.{json,csv,png,md} with device, date and commit; the .md checks the targets of
 issue 3 (speedups are over cuBLAS FP16 in the same run).
@@ -99,8 +99,8 @@ def timing_mode(args) -> str:
 TIMING_TITLE = {"eager": "eager", "graph": "CUDA graphs", "b2b": "CUDA graphs, calls back to back"}
 TIMING_NOTE = {
     "eager": "Timing: eager calls (Python and launch overhead included), median over rotated input sets.",
-    "graph": "Timing: each sample is one replay of a CUDA graph holding one call, so the graph-launch latency "
-             "(a few us) is in every sample; at decode sizes it is a large part of both times.",
+    "graph": "Timing: each sample is one replay of a CUDA graph holding one call (replays queued behind a spinning "
+             "kernel, so host latency is not in the samples; the GPU-side gap between graphs is).",
     "b2b": "Timing: each sample is one replay of a CUDA graph holding all the rotated calls back to back, divided "
            "by their number (a serving engine's captured decode step): no graph-launch latency per call, inputs "
            "still evicted from L2 by the other sets.",

@@ -48,7 +48,7 @@ QEPS = 1e-10
 TARGET_FRAC, TARGET_SPEEDUP = 0.85, 3.0  # for M >= 4096 and H >= 4096
 TARGET_CALL_S = 0.04
 TIMING = {"eager": "eager calls",
-          "graph": "CUDA-graph replays, one call per graph (its launch latency is in every sample)",
+          "graph": "CUDA-graph replays, one call per graph (the gap between graph launches is in every sample)",
           "b2b": "CUDA-graph replays of all the rotated calls back to back, time per call"}
 MIN_ITERS, MAX_ITERS = 5, 100
 

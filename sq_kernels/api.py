@@ -56,6 +56,27 @@ def _family_or_none(model, config: SmoothQuantConfig):
         return None
 
 
+class _EveryStat:
+    """Stands in for statistics in a dry plan made before calibration: every module "has" them."""
+
+    def __contains__(self, name) -> bool:
+        return True
+
+
+def _require_conversions(model: nn.Module, plan, what: str) -> None:
+    if plan.converted:
+        return
+    if not plan.kept:
+        raise ValueError(f"{what}: {type(model).__name__} has no nn.Linear (or fused MoE experts) module to convert")
+    reasons: dict[str, list[str]] = {}
+    for e in plan.kept:
+        reasons.setdefault(e.reason, []).append(e.name)
+    listed = "; ".join(f"{why} ({len(names)}, e.g. {names[0]})" for why, names in list(reasons.items())[:4])
+    raise ValueError(f"{what}: no module would be converted: all {len(plan.kept)} candidate(s) of "
+                     f"{type(model).__name__} stay in floating point: {listed}. Check the include / exclude "
+                     f"patterns and set_local rules")
+
+
 def quantize_(model: nn.Module, config: SmoothQuantConfig | None = None,
               stats: ActStats | None = None) -> ConversionReport:
     """Replace the selected linears (and fused experts) of ``model`` by W8A8 modules, in place.
@@ -72,10 +93,7 @@ def quantize_(model: nn.Module, config: SmoothQuantConfig | None = None,
     config = (config or SmoothQuantConfig()).validate()
     spec = _family_or_none(model, config)
     plan = plan_conversion(model, config, stats, spec)
-    if not plan.converted:
-        raise ValueError(f"quantize_: no module to convert in {type(model).__name__} "
-                         f"({len(plan.kept)} candidates all stay in floating point: "
-                         f"{dict((e.name, e.reason) for e in plan.kept[:6])})")
+    _require_conversions(model, plan, "quantize_")
     warn_kept(plan)
     try:
         new_modules = build_modules(plan, stats, progress=config.progress)
@@ -95,14 +113,15 @@ def quantize_(model: nn.Module, config: SmoothQuantConfig | None = None,
     return report
 
 
-def smoothquant(model: nn.Module, data, config: SmoothQuantConfig | None = None, tokenizer=None,
+def smoothquant(model: nn.Module, data=None, config: SmoothQuantConfig | None = None, tokenizer=None,
                 stats: ActStats | None = None) -> ConversionReport:
     """Calibrate, smooth and quantize ``model`` in place: the whole SmoothQuant recipe in one call.
 
     Args:
         model: an HF causal LM of a supported family (OPT, Llama, Mistral, Mixtral, BLOOM, Falcon, Qwen2),
             or any model with ``config.family`` given.
-        data: calibration data (token tensors, strings with ``tokenizer``, a local .txt / .jsonl path).
+        data: calibration data (token tensors, strings with ``tokenizer``, a local .txt / .jsonl path); may be
+            None when ``stats`` is given and alpha is not "auto" (then it is not read at all).
         config: ``SmoothQuantConfig``.
         tokenizer: for text data.
         stats: statistics collected before (skips the calibration run).
@@ -116,7 +135,17 @@ def smoothquant(model: nn.Module, data, config: SmoothQuantConfig | None = None,
         reason = spec.refusal(getattr(model, "config", None))
         if reason:
             raise ValueError(f"{spec.name}: cannot smooth this model: {reason}")
-    batches = calibration_batches(data, tokenizer, config.num_samples, config.seq_len, config.batch_size)
+    # What would be converted is known before any calibration: a pattern that matches nothing fails now,
+    # not after a calibration pass over a large model.
+    _require_conversions(model, plan_conversion(model, config, _EveryStat(), _family_or_none(model, config)),
+                         "smoothquant")
+    needs_data = stats is None or (config.smooth and config.alpha == "auto")
+    if data is None and needs_data:
+        raise ValueError("smoothquant: data is required (calibration data: token tensors, strings with tokenizer=, "
+                         "or a local .txt / .jsonl path)" + ("" if stats is None else
+                                                             "; alpha='auto' evaluates candidates on it"))
+    batches = (calibration_batches(data, tokenizer, config.num_samples, config.seq_len, config.batch_size)
+               if needs_data else None)
     if stats is None:
         stats = collect_act_stats(model, batches, family=config.family, progress=config.progress)
     smoothing = None

@@ -19,9 +19,37 @@ from pathlib import Path
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
+def _version() -> str:
+    from . import __version__
+    return __version__
+
+
 def _dtype(name: str):
     import torch
     return None if name == "auto" else getattr(torch, name)
+
+
+def _check_device(device: str) -> None:
+    """--device names a device this machine has (before anything is loaded)."""
+    import torch
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device must be cpu, cuda or cuda:N, got {device!r}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "torch was built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise ValueError(f"--device {device}: CUDA is not available here ({why}); use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    elif dev.type != "cpu":
+        raise ValueError(f"--device must be cpu, cuda or cuda:N, got {device!r}")
+
+
+def _check_writable_file(path: str | None, flag: str) -> None:
+    """An output file's directory exists, checked before hours of work rather than after."""
+    if path is not None and not Path(path).resolve().parent.is_dir():
+        raise ValueError(f"{flag} {path}: the directory {Path(path).resolve().parent} does not exist")
 
 
 def _load_model(path: str, device: str, dtype: str):
@@ -75,10 +103,40 @@ def _float(text: str, flag: str) -> float:
         raise ValueError(f"{flag} must be a number in [0, 1] or 'auto', got {text!r}") from None
 
 
+def _is_text_file(data) -> bool:
+    """Calibration / evaluation data given as a file of text (needs a tokenizer), not token ids."""
+    return isinstance(data, str) and Path(data).suffix.lower() in (".txt", ".jsonl", ".json", ".text", "")
+
+
+def _check_quantize_args(args, config) -> None:
+    """Everything about quantize's arguments that can be wrong, before a model is loaded."""
+    src, out = Path(args.model).resolve(), Path(args.out).resolve()
+    if out == src or src in out.parents:
+        raise ValueError(f"the output directory {args.out} is (inside) the input model {args.model}: the quantized "
+                         "checkpoint must go to a directory of its own, so that the original model stays as it was")
+    if out.is_file():
+        raise ValueError(f"the output {args.out} is a file; give a directory")
+    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
+        raise ValueError(f"the output directory {args.out} is not empty; choose a new directory or pass --overwrite")
+    if args.data is None and args.stats is None:
+        raise ValueError("--data is required (calibration text: a local .txt or .jsonl file), unless --stats gives "
+                         "statistics collected before")
+    if args.stats and args.save_stats:
+        raise ValueError("--save-stats writes the statistics of this run's calibration, and with --stats there is "
+                         "none: drop one of them")
+    if args.stats and config.alpha == "auto" and args.data is None:
+        raise ValueError("--alpha auto evaluates each candidate alpha on calibration data: pass --data as well")
+    if args.stats and not Path(args.stats).is_file():
+        raise ValueError(f"--stats {args.stats}: no such file")
+    _check_writable_file(args.save_stats, "--save-stats")
+
+
 def cmd_calibrate(args) -> int:
     from .calibration import collect_act_stats
+    _check_device(args.device)
+    _check_writable_file(args.out, "--out")
     model = _load_model(args.model, args.device, args.dtype)
-    tokenizer = _load_tokenizer(args.tokenizer or args.model, required=False)
+    tokenizer = _load_tokenizer(args.tokenizer or args.model, required=_is_text_file(args.data))
     stats = collect_act_stats(model, args.data, tokenizer, num_samples=args.num_samples, seq_len=args.seq_len,
                               batch_size=args.batch_size, progress=not args.no_progress)
     stats.save(args.out)
@@ -91,15 +149,19 @@ def cmd_quantize(args) -> int:
     from .calibration import ActStats
     from .checkpoint import save_quantized
     config = _config_from_args(args)
-    model = _load_model(args.model, args.device, args.dtype)
-    tokenizer = _load_tokenizer(args.tokenizer or args.model, required=args.stats is None)
+    _check_quantize_args(args, config)
+    _check_device(args.device)
     stats = ActStats.load(args.stats) if args.stats else None
+    model = _load_model(args.model, args.device, args.dtype)
+    data = args.data if stats is None or config.alpha == "auto" else None  # with --stats, --data only feeds alpha=auto
+    tokenizer = _load_tokenizer(args.tokenizer or args.model, required=data is not None and _is_text_file(data))
     if stats is None and args.save_stats:
         from .calibration import collect_act_stats
-        stats = collect_act_stats(model, args.data, tokenizer, num_samples=config.num_samples, seq_len=config.seq_len,
+        stats = collect_act_stats(model, data, tokenizer, num_samples=config.num_samples, seq_len=config.seq_len,
                                   batch_size=config.batch_size, progress=config.progress)
         stats.save(args.save_stats)
-    report = smoothquant(model, args.data, config, tokenizer=tokenizer, stats=stats)
+        print(f"saved the calibration statistics to {args.save_stats}")
+    report = smoothquant(model, data, config, tokenizer=tokenizer, stats=stats)
     save_quantized(model, args.out)
     if tokenizer is not None:
         tokenizer.save_pretrained(args.out)
@@ -112,12 +174,20 @@ def cmd_quantize(args) -> int:
 
 def cmd_eval(args) -> int:
     from . import evaluation as ev
-    model = _load_model(args.model, args.device, args.dtype)
-    tokenizer = _load_tokenizer(args.tokenizer or args.model, required=bool(args.ppl or args.lambada or args.sqnr_data))
-    reference = _load_model(args.reference, args.device, args.dtype) if args.reference else None
-    if not (args.ppl or args.lambada or (reference is not None and args.sqnr_data)):
+    if not (args.ppl or args.lambada or args.sqnr_data):
         raise ValueError("nothing to evaluate: pass --ppl FILE, --lambada FILE, or --reference DIR with "
                          "--sqnr-data FILE")
+    if args.sqnr_data and not args.reference:
+        raise ValueError("--sqnr-data compares each layer with the floating-point model: pass it as --reference DIR")
+    for flag, value in (("--max-windows", args.max_windows), ("--max-samples", args.max_samples),
+                        ("--stride", args.stride), ("--seq-len", args.seq_len)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be a positive integer, got {value}")
+    _check_writable_file(args.json, "--json")
+    _check_device(args.device)
+    model = _load_model(args.model, args.device, args.dtype)
+    tokenizer = _load_tokenizer(args.tokenizer or args.model, required=True)
+    reference = _load_model(args.reference, args.device, args.dtype) if args.reference else None
     progress = not args.no_progress
     results: dict = {"model": args.model}
     for label, m in (("model", model), ("reference", reference)):
@@ -146,6 +216,9 @@ def cmd_eval(args) -> int:
 def cmd_info(args) -> int:
     from .checkpoint import read_quantization_config
     meta = read_quantization_config(args.checkpoint)
+    if args.json:  # machine-readable only, so that it can be piped (sq-kernels info DIR --json | jq ...)
+        print(json.dumps(meta, indent=2))
+        return 0
     schemes: dict[str, int] = {}
     for d in meta["modules"].values():
         key = f"{d['kind']}: w8 {d['weight']} / a8 {d['activation']}"
@@ -158,8 +231,6 @@ def cmd_info(args) -> int:
     alphas = ((quant.get("smoothing") or {}).get("alphas")) or {}
     if alphas:
         print("  alpha per layer: " + ", ".join(f"{k}={v:g}" for k, v in alphas.items()))
-    if args.json:
-        print(json.dumps(meta, indent=2))
     return 0
 
 
@@ -217,6 +288,13 @@ def _graph_replay(fn):
     return graph.replay
 
 
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
 def _model_bytes(model) -> int:
     return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
 
@@ -228,7 +306,19 @@ def cmd_bench(args) -> int:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from .api import smoothquant
+    _check_device(args.device)
+    _check_writable_file(args.json, "--json")
+    for flag, value in (("--layers", args.layers), ("--batch", args.batch), ("--prompt", args.prompt),
+                        ("--iters", args.iters)):
+        if value < 1:
+            raise ValueError(f"{flag} must be a positive integer, got {value}")
+    if args.warmup < 0:
+        raise ValueError(f"--warmup must be 0 or more, got {args.warmup}")
     device, dtype = torch.device(args.device), _dtype(args.dtype) or torch.float16
+    if device.type == "cpu":
+        print("note: on the CPU both models run PyTorch code (the W8A8 one through the reference ops, which "
+              "emulate the kernels): the times say nothing about the CUDA kernels. Use --device cuda on a GPU.",
+              flush=True)
     family, shape = BENCH_ARCHS[args.arch]
     config = AutoConfig.for_model(family, num_hidden_layers=args.layers, max_position_embeddings=4096, **shape)
     torch.manual_seed(0)
@@ -239,6 +329,8 @@ def cmd_bench(args) -> int:
     report = smoothquant(q, calib, _config_from_args(args))
     rows, notes = [], []
     graphs = device.type == "cuda" and not args.eager
+    from tqdm.auto import tqdm
+    bar = tqdm(total=2 * 2 * (2 if graphs else 1), desc="timing", unit="run", disable=args.no_progress)
     for label, tokens in (("prefill", args.prompt), ("one token", 1)):
         x = torch.randint(0, config.vocab_size, (args.batch, tokens), device=device)
         row = {"phase": label, "M": args.batch * tokens}
@@ -247,16 +339,20 @@ def cmd_bench(args) -> int:
                 # logits of the last position only, as generation computes them after a prefill
                 def call(m=m):
                     return m(input_ids=x, use_cache=False, logits_to_keep=1)
+                bar.set_postfix_str(f"{label}, {name}")
                 row[f"{name}_ms"] = _time_ms(call, device, args.warmup, args.iters)
+                bar.update()
                 if graphs:  # replayed as one CUDA graph: no Python or launch overhead, as a serving engine runs
                     try:
                         row[f"{name}_graph_ms"] = _time_ms(_graph_replay(call), device, args.warmup, args.iters)
                     except Exception as exc:  # noqa: BLE001 - any capture failure: report it, keep the eager time
                         notes.append(f"{label} {name}: CUDA graph capture failed ({str(exc).splitlines()[0]})")
+                    bar.update()
         row["speedup"] = row["fp_ms"] / row["w8a8_ms"]
         if "fp_graph_ms" in row and "w8a8_graph_ms" in row:
             row["graph_speedup"] = row["fp_graph_ms"] / row["w8a8_graph_ms"]
         rows.append(row)
+    bar.close()
     result = {"arch": args.arch, "layers": args.layers, "batch": args.batch, "prompt": args.prompt,
               "dtype": str(dtype), "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "converted": len(report.converted), "fp_bytes": _model_bytes(fp), "w8a8_bytes": _model_bytes(q),
@@ -272,7 +368,8 @@ def cmd_bench(args) -> int:
         print(line)
     for note in notes:
         print("note: " + note)
-    print(f"memory: FP {result['fp_bytes'] / 2**20:.0f} MiB, W8A8 {result['w8a8_bytes'] / 2**20:.0f} MiB")
+    print(f"memory: FP {_size(result['fp_bytes'])}, W8A8 {_size(result['w8a8_bytes'])} "
+          f"({result['w8a8_bytes'] / max(1, result['fp_bytes']):.2f}x)")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2), encoding="utf-8")
     return 0
@@ -280,18 +377,22 @@ def cmd_bench(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sq-kernels", description="SmoothQuant W8A8: calibrate, quantize, evaluate.")
+    parser.add_argument("--version", action="version", version=f"sq-kernels {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p, data_required: bool):
-        p.add_argument("--data", required=data_required, help="calibration data: a local .txt or .jsonl file")
+        p.add_argument("--data", required=data_required,
+                       help="calibration data: a local .txt or .jsonl ({'text': ...} per line) file"
+                            + ("" if data_required else "; not needed with --stats (unless --alpha auto)"))
         p.add_argument("--tokenizer", help="tokenizer directory (default: the model directory)")
         p.add_argument("--num-samples", type=int, default=128, help="calibration samples (default 128)")
         p.add_argument("--seq-len", type=int, default=512, help="tokens per sample (default 512)")
-        p.add_argument("--batch-size", type=int, default=1)
+        p.add_argument("--batch-size", type=int, default=1, help="samples per forward pass (default 1)")
 
     def runtime(p):
         p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
-        p.add_argument("--dtype", default="auto", choices=DTYPES, help="floating-point dtype to run in")
+        p.add_argument("--dtype", default="auto", choices=DTYPES,
+                       help="floating-point dtype to run in (default auto: the model's own; bench: float16)")
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     p = sub.add_parser("calibrate", help="collect per-channel activation statistics to a file")
@@ -303,14 +404,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("quantize", help="calibrate, smooth and quantize a model; save the W8A8 checkpoint")
     p.add_argument("model", help="local Hugging Face model directory")
-    p.add_argument("out", help="output directory")
-    common(p, True)
+    p.add_argument("out", help="output directory (new or empty; never the model's own)")
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty output directory")
+    common(p, False)
     p.add_argument("--alpha", help="migration strength in [0, 1], or 'auto' (default: the family's)")
-    p.add_argument("--scheme", default="W8A8", choices=("W8A8", "O1", "O2", "O3"))
+    p.add_argument("--scheme", default="W8A8", choices=("W8A8", "O1", "O2", "O3"),
+                   help="W8A8: per-channel weights, per-token dynamic activations (default); O1-O3: the paper's "
+                        "per-tensor schemes (O3: static activation scales)")
     p.add_argument("--weight", choices=("per_channel", "per_tensor"), help="override the scheme's weight granularity")
     p.add_argument("--activation", choices=("per_token", "per_tensor", "static"), help="override the activation scheme")
-    p.add_argument("--include", action="append", default=[], help="only quantize modules matching (repeatable)")
-    p.add_argument("--exclude", action="append", default=["lm_head"], help="keep modules matching in floating point")
+    p.add_argument("--include", action="append", default=[],
+                   help="only quantize modules whose name matches this fnmatch pattern (repeatable)")
+    p.add_argument("--exclude", action="append", default=["lm_head"],
+                   help="keep modules matching this fnmatch pattern in floating point (repeatable; lm_head always is)")
     p.add_argument("--fp", action="append", default=[], help="set_local(PATTERN, 'fp'): a name pattern or class name")
     p.add_argument("--no-smooth", action="store_true", help="quantize without smoothing (naive W8A8)")
     p.add_argument("--fold-linear-pairs", action="store_true", help="also smooth v->o, up->down, fc1->fc2")
@@ -326,10 +432,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ppl", help="local text file for perplexity")
     p.add_argument("--lambada", help="local JSONL file ({'text': ...} per line) for last-word accuracy")
     p.add_argument("--sqnr-data", help="local text file for the per-layer SQNR report (needs --reference)")
-    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per window / sample (default 512)")
     p.add_argument("--stride", type=int, help="sliding-window stride for perplexity (default: seq-len)")
-    p.add_argument("--max-windows", type=int)
-    p.add_argument("--max-samples", type=int)
+    p.add_argument("--max-windows", type=int, help="evaluate at most this many perplexity windows")
+    p.add_argument("--max-samples", type=int, help="evaluate at most this many --lambada lines")
     p.add_argument("--json", help="also write the results to this JSON file")
     runtime(p)
     p.set_defaults(func=cmd_eval)
@@ -337,23 +443,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="latency and memory of a real-size model (random weights): FP vs W8A8")
     p.add_argument("--arch", default="llama-2-7b", choices=sorted(BENCH_ARCHS))
     p.add_argument("--layers", type=int, default=4, help="decoder layers to build (default 4)")
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--batch", type=int, default=1, help="sequences (default 1)")
     p.add_argument("--prompt", type=int, default=512, help="prefill tokens per sequence (default 512)")
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=5, help="untimed calls first (default 5)")
+    p.add_argument("--iters", type=int, default=20, help="timed calls; the median is reported (default 20)")
     p.add_argument("--eager", action="store_true", help="on a GPU, skip the CUDA-graph timings (eager calls only)")
     p.add_argument("--alpha", help="migration strength (default: the family's)")
-    p.add_argument("--scheme", default="W8A8", choices=("W8A8", "O1", "O2", "O3"))
-    p.add_argument("--weight", choices=("per_channel", "per_tensor"))
-    p.add_argument("--activation", choices=("per_token", "per_tensor", "static"))
+    p.add_argument("--scheme", default="W8A8", choices=("W8A8", "O1", "O2", "O3"), help="as for quantize")
+    p.add_argument("--weight", choices=("per_channel", "per_tensor"), help="as for quantize")
+    p.add_argument("--activation", choices=("per_token", "per_tensor", "static"), help="as for quantize")
     p.add_argument("--json", help="also write the results to this JSON file")
     runtime(p)
     p.set_defaults(func=cmd_bench, include=[], exclude=["lm_head"], fp=[], no_smooth=False, fold_linear_pairs=False,
                    num_samples=4, seq_len=128, batch_size=1)
 
     p = sub.add_parser("info", help="describe a quantized checkpoint")
-    p.add_argument("checkpoint")
-    p.add_argument("--json", action="store_true", help="print the whole quantization config")
+    p.add_argument("checkpoint", help="a directory written by sq-kernels quantize (or save_quantized)")
+    p.add_argument("--json", action="store_true", help="print only the whole quantization config, as JSON")
     p.set_defaults(func=cmd_info)
     return parser
 

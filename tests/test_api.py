@@ -190,7 +190,7 @@ def test_unsupported_architecture():
 
 
 def test_nothing_to_convert_is_an_error():
-    with pytest.raises(ValueError, match="no module to convert"):
+    with pytest.raises(ValueError, match="quantize_: no module would be converted"):
         sq.quantize_(make_model("llama"), _cfg(smooth=False, include=("nothing.*",)))
 
 
@@ -225,3 +225,22 @@ def test_report_text_and_dict():
     d = report.to_dict()
     assert d["smoothing"]["alphas"] == {"transformer.h.0": 0.6, "transformer.h.1": 0.6}
     assert model.sq_quantization["config"]["alpha"] == 0.6
+
+
+def test_smoothquant_from_statistics_reads_no_data_and_checks_patterns_before_calibrating(monkeypatch):
+    import sq_kernels.api as api
+    from conftest import make_model
+    model = make_model("llama")
+    ids = torch.randint(0, model.config.vocab_size, (2, 16))
+    stats = sq.collect_act_stats(model, ids, progress=False)
+    report = sq.smoothquant(model, None, sq.SmoothQuantConfig(alpha=0.6, progress=False), stats=stats)
+    assert report.converted and report.smoothing is not None
+    with pytest.raises(ValueError, match="data is required"):
+        sq.smoothquant(make_model("llama"), None, sq.SmoothQuantConfig(progress=False))
+
+    def no_calibration(*a, **k):
+        raise AssertionError("calibrated although no module would be converted")
+    monkeypatch.setattr(api, "collect_act_stats", no_calibration)
+    fresh = make_model("llama")
+    with pytest.raises(ValueError, match="no module would be converted.*include / exclude"):
+        sq.smoothquant(fresh, ids, sq.SmoothQuantConfig(include=("nomatch*",), progress=False))

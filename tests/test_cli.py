@@ -105,3 +105,96 @@ def test_console_entry_point_help():
     assert proc.returncode == 0
     for command in ("calibrate", "quantize", "eval", "info", "bench"):
         assert command in proc.stdout
+
+
+def _digest(path):
+    import hashlib
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.iterdir()) if p.is_file()}
+
+
+def test_quantize_never_writes_into_the_input_model_or_a_non_empty_directory(model_dir, data_files, tmp_path, capsys):
+    txt, _ = data_files
+    before = _digest(model_dir)
+    args = ["--data", str(txt), "--num-samples", "2", "--seq-len", "32", "--no-progress"]
+    assert main(["quantize", str(model_dir), str(model_dir), *args]) == 2
+    assert "must go to a directory of its own" in capsys.readouterr().err
+    assert main(["quantize", str(model_dir), str(model_dir / "sub"), *args]) == 2
+    assert "(inside) the input model" in capsys.readouterr().err
+    assert _digest(model_dir) == before and not (model_dir / "sub").exists()
+
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert main(["quantize", str(model_dir), str(out), *args]) == 2
+    err = capsys.readouterr().err
+    assert "not empty" in err and "--overwrite" in err
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    assert main(["quantize", str(model_dir), str(out), *args, "--overwrite"]) == 0
+    assert (out / "sq_quantization.json").is_file() and (out / "notes.txt").read_text() == "mine"
+
+
+def test_bad_arguments_are_refused_before_any_model_is_loaded(model_dir, data_files, tmp_path, capsys, monkeypatch):
+    import sq_kernels.cli as cli
+    txt, jsonl = data_files
+
+    def no_load(*a, **k):
+        raise AssertionError("a model was loaded before the arguments were checked")
+    monkeypatch.setattr(cli, "_load_model", no_load)
+    out = str(tmp_path / "o")
+    cases = [
+        (["quantize", str(model_dir), out, "--data", str(txt), "--device", "tpu9"], "--device must be cpu, cuda"),
+        (["quantize", str(model_dir), out], "--data is required"),
+        (["quantize", str(model_dir), out, "--stats", str(tmp_path / "s.safetensors"), "--save-stats",
+          str(tmp_path / "t.safetensors")], "--save-stats writes the statistics of this run"),
+        (["quantize", str(model_dir), out, "--stats", str(tmp_path / "none.safetensors")], "no such file"),
+        (["quantize", str(model_dir), out, "--data", str(txt), "--save-stats", str(tmp_path / "no" / "s.st")],
+         "does not exist"),
+        (["eval", str(model_dir), "--ppl", str(txt), "--sqnr-data", str(txt)], "pass it as --reference"),
+        (["eval", str(model_dir), "--ppl", str(txt), "--max-windows", "0"], "--max-windows must be a positive"),
+        (["eval", str(model_dir), "--ppl", str(txt), "--json", str(tmp_path / "no" / "r.json")], "does not exist"),
+        (["calibrate", str(model_dir), "--data", str(txt), "--out", str(tmp_path / "no" / "s.st")], "does not exist"),
+        (["bench", "--arch", "tiny-llama", "--layers", "0"], "--layers must be a positive"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((["eval", str(model_dir), "--ppl", str(txt), "--device", "cuda"], "CUDA is not available here"))
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, (argv, err)
+
+
+def test_quantize_from_statistics_needs_no_data_and_patterns_are_checked_before_calibrating(
+        model_dir, data_files, tmp_path, capsys, monkeypatch):
+    txt, _ = data_files
+    stats = tmp_path / "stats.safetensors"
+    assert main(["calibrate", str(model_dir), "--data", str(txt), "--out", str(stats), "--num-samples", "2",
+                 "--seq-len", "32", "--no-progress"]) == 0
+    out = tmp_path / "q"
+    assert main(["quantize", str(model_dir), str(out), "--stats", str(stats), "--alpha", "0.7", "--no-progress"]) == 0
+    assert isinstance(sq.load_quantized(out).model.layers[0].self_attn.q_proj, sq.W8A8Linear)
+    capsys.readouterr()
+
+    import sq_kernels.api as api
+
+    def no_calibration(*a, **k):
+        raise AssertionError("calibrated although no module would be converted")
+    monkeypatch.setattr(api, "collect_act_stats", no_calibration)
+    assert main(["quantize", str(model_dir), str(tmp_path / "q2"), "--data", str(txt), "--include", "nomatch*",
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "no module would be converted" in err and "include / exclude" in err
+
+
+def test_info_json_is_only_json_and_bench_on_cpu_says_what_it_measures(model_dir, data_files, tmp_path, capsys):
+    txt, _ = data_files
+    out = tmp_path / "q"
+    assert main(["quantize", str(model_dir), str(out), "--data", str(txt), "--num-samples", "2", "--seq-len", "32",
+                 "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["info", str(out), "--json"]) == 0
+    meta = json.loads(capsys.readouterr().out)
+    assert meta["architecture"] == "LlamaForCausalLM" and meta["modules"]
+    assert main(["bench", "--arch", "tiny-llama", "--layers", "1", "--prompt", "8", "--warmup", "0", "--iters", "1",
+                 "--device", "cpu", "--dtype", "float32", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "say nothing about the CUDA kernels" in printed and "KiB" in printed

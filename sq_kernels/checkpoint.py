@@ -22,17 +22,29 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 
 import torch
 from torch import nn
 
+from .config import ACTIVATION_SCHEMES, WEIGHT_GRANULARITIES
 from .nn import W8A8Experts, W8A8Linear
 
 FORMAT = "sq_kernels.w8a8"
 FORMAT_VERSION = 1
 QUANT_FILE = "sq_quantization.json"
 WEIGHTS_FILE = "sq_model.safetensors"
+# Key of the weights file's safetensors metadata holding the SHA-256 of the quantization table (see
+# _table_digest). Checkpoints written before it existed lack it and still load.
+TABLE_DIGEST_KEY = "quantization_table_sha256"
+# The fields of sq_quantization.json that decide what load_quantized builds (and so the model's math);
+# "quantization" (the SmoothQuant settings, alpha per layer) only records how the weights were made.
+TABLE_FIELDS = ("architecture", "model_type", "config_sha256", "modules", "tied", "non_persistent_buffers")
+# Required fields of one module entry of the table, by kind, with their JSON types.
+MODULE_FIELDS = {
+    "linear": {"in_features": int, "out_features": int, "bias": bool, "weight": str, "activation": str},
+    "experts": {"num_experts": int, "hidden_dim": int, "intermediate_dim": int, "weight": str, "activation": str},
+}
 
 
 class CheckpointError(ValueError):
@@ -53,6 +65,12 @@ def _config_digest(path: Path) -> str:
     except (OSError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{path} is not readable JSON: {exc}") from None
     return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _table_digest(meta: dict) -> str:
+    """SHA-256 of the canonical JSON of ``meta``'s TABLE_FIELDS (key order and whitespace do not matter)."""
+    table = {key: meta.get(key) for key in TABLE_FIELDS}
+    return hashlib.sha256(json.dumps(table, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def _module_table(model: nn.Module) -> dict[str, dict]:
@@ -139,7 +157,6 @@ def save_quantized(model: nn.Module, path) -> Path:
     generation_config = getattr(model, "generation_config", None)
     if generation_config is not None and hasattr(generation_config, "save_pretrained"):
         generation_config.save_pretrained(path)
-    save_file(tensors, str(path / WEIGHTS_FILE), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -148,12 +165,16 @@ def save_quantized(model: nn.Module, path) -> Path:
         "model_type": getattr(config, "model_type", None),
         "config_sha256": _config_digest(path / "config.json"),
         "weights_file": WEIGHTS_FILE,
-        "weights_sha256": _sha256_file(path / WEIGHTS_FILE),
+        "weights_sha256": None,  # filled in below, once the weights file is written
         "modules": table,
         "tied": aliases,
         "non_persistent_buffers": non_persistent,
         "quantization": getattr(model, "sq_quantization", None),
     }
+    # the table's digest goes into the weights file, so an edit of sq_quantization.json is detected on load
+    save_file(tensors, str(path / WEIGHTS_FILE), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION),
+                                                           TABLE_DIGEST_KEY: _table_digest(meta)})
+    meta["weights_sha256"] = _sha256_file(path / WEIGHTS_FILE)
     (path / QUANT_FILE).write_text(json.dumps(meta, indent=2, default=str), encoding="utf-8")
     return path
 
@@ -184,7 +205,92 @@ def read_quantization_config(path) -> dict:
     for key in ("architecture", "config_sha256", "weights_file", "modules"):
         if key not in meta:
             raise CheckpointError(f"{qfile}: missing field {key!r}")
+    _check_schema(meta, qfile)
     return meta
+
+
+def _check_schema(meta: dict, qfile: Path) -> None:
+    """Reject a quantization file whose fields have the wrong type, naming the file, module and field."""
+    for key in ("architecture", "config_sha256", "weights_file"):
+        if not isinstance(meta[key], str) or not meta[key]:
+            raise CheckpointError(f"{qfile}: field {key!r} must be a non-empty string, got {meta[key]!r}")
+    for key in ("model_type", "weights_sha256"):
+        if meta.get(key) is not None and not isinstance(meta[key], str):
+            raise CheckpointError(f"{qfile}: field {key!r} must be a string, got {meta[key]!r}")
+    _check_weights_file(meta["weights_file"], qfile)
+    tied = meta.get("tied", {})
+    if not isinstance(tied, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in tied.items()):
+        raise CheckpointError(f"{qfile}: field 'tied' must map tensor names to tensor names, got {tied!r}")
+    buffers = meta.get("non_persistent_buffers", [])
+    if not isinstance(buffers, list) or not all(isinstance(b, str) for b in buffers):
+        raise CheckpointError(f"{qfile}: field 'non_persistent_buffers' must be a list of names, got {buffers!r}")
+    modules = meta["modules"]
+    if not isinstance(modules, dict) or not modules:
+        raise CheckpointError(f"{qfile}: field 'modules' must be a non-empty object {{module name: entry}}, "
+                              f"got {modules!r}")
+    for name, entry in modules.items():
+        where = f"{qfile}: module {name!r}"
+        if not name or not isinstance(entry, dict):
+            raise CheckpointError(f"{where}: the entry must be an object with a 'kind', got {entry!r}")
+        kind = entry.get("kind")
+        if kind not in MODULE_FIELDS:
+            raise CheckpointError(f"{where}: field 'kind' must be one of {sorted(MODULE_FIELDS)}, got {kind!r}")
+        for field, typ in MODULE_FIELDS[kind].items():
+            if field not in entry:
+                raise CheckpointError(f"{where}: missing field {field!r} (a {kind!r} entry needs "
+                                      f"{sorted(MODULE_FIELDS[kind])})")
+            value = entry[field]
+            if typ is int and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise CheckpointError(f"{where}: field {field!r} must be a positive integer, got {value!r}")
+            if not isinstance(value, typ):
+                raise CheckpointError(f"{where}: field {field!r} must be a {typ.__name__}, got {value!r}")
+        if entry["weight"] not in WEIGHT_GRANULARITIES:
+            raise CheckpointError(f"{where}: field 'weight' must be one of {WEIGHT_GRANULARITIES}, "
+                                  f"got {entry['weight']!r}")
+        if entry["activation"] not in ACTIVATION_SCHEMES:
+            raise CheckpointError(f"{where}: field 'activation' must be one of {ACTIVATION_SCHEMES}, "
+                                  f"got {entry['activation']!r}")
+
+
+def _check_weights_file(name: str, qfile: Path) -> None:
+    """``weights_file`` must name a file inside the checkpoint directory: no path, no ``..``."""
+    if (name in (".", "..") or "/" in name or "\\" in name or "\0" in name or Path(name).is_absolute()
+            or PureWindowsPath(name).drive):
+        raise CheckpointError(f"{qfile}: field 'weights_file' must be a plain file name inside the checkpoint "
+                              f"directory (such as {WEIGHTS_FILE!r}), got {name!r}")
+
+
+def _check_device(device) -> torch.device:
+    """``device`` (None: CPU) as a ``torch.device`` that exists here, or a ValueError naming ``device``."""
+    if device is None:
+        return torch.device("cpu")
+    if isinstance(device, bool) or not isinstance(device, (str, int, torch.device)):
+        raise ValueError(f"device must be a str such as 'cpu', 'cuda' or 'cuda:1', a torch.device or a GPU index, "
+                         f"got {type(device).__name__} {device!r}")
+    if isinstance(device, int):  # a GPU index, as torch.device(0) reads it
+        if device < 0:
+            raise ValueError(f"device must be a non-negative GPU index, got {device}")
+        device = f"cuda:{device}"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as exc:
+        raise ValueError(f"device {device!r} is not a device: expected 'cpu', 'cuda', 'cuda:N' (or another torch "
+                         f"device type such as 'mps' / 'xpu'), a torch.device or a GPU index ({exc})") from None
+    if dev.type == "meta":
+        raise ValueError("device 'meta' holds no data: load to 'cpu' or 'cuda'")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = ("torch was built without CUDA" if torch.version.cuda is None and torch.version.hip is None
+                   else "no GPU is visible (torch.cuda.is_available() is False)")
+            raise ValueError(f"device {str(device)!r} is not available: {why}. Load with device='cpu'.")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {str(device)!r} is not available: {torch.cuda.device_count()} GPU(s) visible")
+    elif dev.type != "cpu":
+        backend = getattr(torch, dev.type, None)
+        is_available = getattr(backend, "is_available", None)
+        if callable(is_available) and not is_available():
+            raise ValueError(f"device {str(device)!r} is not available: torch.{dev.type}.is_available() is False")
+    return dev
 
 
 def _build_skeleton(path: Path, meta: dict):
@@ -195,8 +301,9 @@ def _build_skeleton(path: Path, meta: dict):
         raise CheckpointError(f"config.json is a {config.model_type!r} config but the weights were saved from a "
                               f"{meta['model_type']!r} model")
     cls = getattr(transformers, meta["architecture"], None)
-    if cls is None:
-        raise CheckpointError(f"this transformers ({transformers.__version__}) has no class {meta['architecture']!r}")
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        raise CheckpointError(f"this transformers ({transformers.__version__}) has no model class "
+                              f"{meta['architecture']!r} (the 'architecture' field of {QUANT_FILE})")
     with torch.device("meta"):
         model = cls(config)
     for name, d in meta["modules"].items():
@@ -239,8 +346,9 @@ def load_quantized(path, device=None, verify: bool = True):
         The model in eval mode. Raises ``CheckpointError`` (a ValueError) for a checkpoint that is not
         one, is damaged, has an unknown version, or whose config and weights do not match.
     """
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
     path = Path(path)
+    device = _check_device(device)
     meta = read_quantization_config(path)
     if not (path / "config.json").is_file():
         raise CheckpointError(f"{path}: config.json is missing")
@@ -257,11 +365,13 @@ def load_quantized(path, device=None, verify: bool = True):
     non_persistent = set(meta.get("non_persistent_buffers", []))
     aliases = dict(meta.get("tied", {}))
     try:
-        with safe_open(str(weights), framework="pt", device=str(torch.device(device or "cpu"))) as f:
+        with safe_open(str(weights), framework="pt", device=str(device)) as f:
             file_meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as exc:  # safetensors' own errors for a damaged header or truncated data
+    except SafetensorError as exc:  # a damaged header or truncated data; anything else is not the file's fault
         raise CheckpointError(f"{weights} is corrupt or truncated: {exc}") from None
+    except OSError as exc:
+        raise CheckpointError(f"{weights} could not be read: {exc}") from None
     if file_meta.get("format") != FORMAT:
         raise CheckpointError(f"{weights} is not an sq_kernels weights file (format={file_meta.get('format')!r})")
     expected = (set(expected_state) | non_persistent) - set(aliases)
@@ -276,6 +386,12 @@ def load_quantized(path, device=None, verify: bool = True):
             raise CheckpointError(f"{key}: stored shape {tuple(t.shape)}, the model expects {tuple(ref.shape)}")
         if ref is not None and (ref.dtype == torch.int8) != (t.dtype == torch.int8):
             raise CheckpointError(f"{key}: stored dtype {t.dtype}, the model expects {ref.dtype}")
+    recorded = file_meta.get(TABLE_DIGEST_KEY)  # absent in checkpoints saved before it was recorded
+    if recorded is not None and recorded != _table_digest(meta):
+        raise CheckpointError(f"{path / QUANT_FILE}: the quantization table (module entries, tied weights, "
+                              f"architecture, config hash) was modified after saving, or {weights.name} belongs to "
+                              f"another checkpoint: the table's SHA-256 differs from the one recorded in "
+                              f"{weights.name}. Restore the original files or quantize again.")
     _check_scales(tensors, meta["modules"], str(weights))
     for alias, target in aliases.items():
         if target not in tensors:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,8 +71,10 @@ class SmoothQuantConfig:
         weight: overrides the preset's weight granularity (``"per_channel"`` / ``"per_tensor"``).
         activation: overrides the preset's activation scheme (``"per_token"`` / ``"per_tensor"`` /
             ``"static"``).
-        include: fnmatch patterns on module names; only matching linears are quantized.
-        exclude: fnmatch patterns on module names kept in floating point (``lm_head`` by default).
+        include: fnmatch patterns on module names (a list/tuple, or a str for one pattern); only matching
+            linears are quantized.
+        exclude: fnmatch patterns on module names kept in floating point (``lm_head`` by default; a str is
+            one pattern).
         local: per-module rules, applied in order (later wins): ``{pattern or class name: "fp" or
             {"weight": ..., "activation": ...}}``; fill it with ``set_local``.
         smooth: False quantizes without smoothing (naive W8A8).
@@ -100,18 +103,22 @@ class SmoothQuantConfig:
     progress: bool = True
 
     def __post_init__(self):
-        self.include = tuple(self.include)
-        self.exclude = tuple(self.exclude)
-        self.alpha_grid = tuple(float(a) for a in self.alpha_grid)
         self.validate()
 
     def validate(self) -> "SmoothQuantConfig":
+        """Check every field (raising a ValueError that names it) and normalise the collections: ``include``
+        / ``exclude`` become tuples of patterns (a bare string is one pattern), ``alpha_grid`` a tuple of
+        floats and ``local`` this config's own dict. Also called by ``smoothquant`` / ``smooth_`` /
+        ``quantize_``, so fields assigned after construction are checked too. Returns ``self``."""
+        self.include = _patterns(self.include, "include")
+        self.exclude = _patterns(self.exclude, "exclude")
+        self.alpha_grid = _alpha_grid(self.alpha_grid)
+        if not isinstance(self.local, dict):
+            raise ValueError(f"local must be a dict {{pattern: 'fp' or {{'weight': ..., 'activation': ...}}}} "
+                             f"(fill it with set_local), got {type(self.local).__name__} {self.local!r}")
+        self.local = dict(self.local)  # set_local must not write into a dict the caller passed in
         if self.alpha is not None and self.alpha != "auto":
             check_alpha(self.alpha)
-        if not self.alpha_grid:
-            raise ValueError("alpha_grid must not be empty")
-        for a in self.alpha_grid:
-            check_alpha(a, "every alpha_grid value")
         if self.scheme not in SCHEMES:
             raise ValueError(f"scheme must be one of {sorted(SCHEMES)}, got {self.scheme!r}")
         self.default_scheme()  # validates weight / activation overrides
@@ -130,7 +137,9 @@ class SmoothQuantConfig:
     def set_local(self, pattern: str, scheme: str | dict | Scheme | None = None, **overrides) -> "SmoothQuantConfig":
         """Give modules matching ``pattern`` (fnmatch on the name, or a class name such as ``"Linear"``)
         their own treatment: ``"fp"`` keeps them in floating point; a dict / ``Scheme`` / keyword
-        arguments (``weight=``, ``activation=``) change their scheme. Returns ``self``."""
+        arguments (``weight=``, ``activation=``) change their scheme. Rules apply in the order they were
+        set and the last matching one wins (a scheme rule set after ``"fp"`` quantizes the module again), so
+        set ``"fp"`` pins last. Returns ``self``."""
         if scheme is None:
             scheme = dict(overrides)
         elif overrides:
@@ -138,6 +147,7 @@ class SmoothQuantConfig:
         if isinstance(scheme, Scheme):
             scheme = dataclasses.asdict(scheme)
         _check_local(pattern, scheme)
+        self.local.pop(pattern, None)  # a pattern set again moves to the end: the last rule set wins
         self.local[pattern] = scheme
         return self
 
@@ -180,6 +190,36 @@ class SmoothQuantConfig:
             raise ValueError(f"SmoothQuantConfig: unknown fields {unknown}")
         data = {k: v for k, v in data.items() if k != "family"}
         return cls(**data)
+
+
+def _patterns(value, what: str) -> tuple[str, ...]:
+    """``value`` as a tuple of fnmatch patterns: a str is one pattern; a list / tuple / set of str as is."""
+    if isinstance(value, str):
+        return (value,)
+    if not isinstance(value, (list, tuple, set, frozenset)):
+        raise ValueError(f"{what} must be a pattern (str) or a list/tuple of patterns, got "
+                         f"{type(value).__name__} {value!r}")
+    bad = [p for p in value if not isinstance(p, str) or not p]
+    if bad:
+        raise ValueError(f"{what} must hold non-empty strings (fnmatch patterns on module names), got {bad!r} "
+                         f"in {value!r}")
+    return tuple(sorted(value) if isinstance(value, (set, frozenset)) else value)
+
+
+def _alpha_grid(value) -> tuple[float, ...]:
+    """``value`` (a sequence of numbers, e.g. a list, tuple or 1-D array) as a non-empty tuple of floats in
+    [0, 1]. A str (even ``"0.5"``), a bare number or a non-numeric element is refused."""
+    expected = "a list/tuple of numbers in [0, 1], e.g. (0.5, 0.7, 0.85)"
+    if isinstance(value, (str, bytes, dict)) or not hasattr(value, "__iter__"):
+        raise ValueError(f"alpha_grid must be {expected}, got {type(value).__name__} {value!r}")
+    grid = list(value)
+    if not grid:
+        raise ValueError("alpha_grid must not be empty")
+    for a in grid:
+        if isinstance(a, bool) or not isinstance(a, numbers.Real):
+            raise ValueError(f"alpha_grid must be {expected}, got the element {a!r} in {value!r}")
+        check_alpha(float(a), "every alpha_grid value")
+    return tuple(float(a) for a in grid)
 
 
 def _check_local(key, value) -> None:

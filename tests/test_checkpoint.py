@@ -176,3 +176,122 @@ def test_saving_a_float_model_is_an_error(tmp_path):
         sq.save_quantized(make_model("llama"), tmp_path)
     with pytest.raises(ValueError, match="Hugging Face model"):
         sq.save_quantized(nn.Sequential(nn.Linear(16, 16)), tmp_path)
+
+
+def _edit_quant_file(path, edit):
+    meta = json.loads((path / QUANT_FILE).read_text())
+    edit(meta)
+    (path / QUANT_FILE).write_text(json.dumps(meta, indent=2))
+
+
+def test_unavailable_device_is_not_called_a_corrupt_checkpoint(tmp_path, monkeypatch):
+    path = _saved(tmp_path)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for device in ("cuda", "cuda:0", torch.device("cuda"), 0):
+        with pytest.raises(ValueError, match=r"device '?cuda(:0)?'? is not available") as info:
+            sq.load_quantized(path, device=device)
+        assert not isinstance(info.value, CheckpointError) and "corrupt" not in str(info.value)
+    for device in ("bogus", "gpu0", 1.5, [0]):
+        with pytest.raises(ValueError, match=r"^device") as info:
+            sq.load_quantized(path, device=device)
+        assert "'cpu'" in str(info.value) and "corrupt" not in str(info.value)
+    with pytest.raises(ValueError, match="meta"):
+        sq.load_quantized(path, device="meta")
+    # the device is checked before anything is read: even a missing checkpoint reports the device
+    with pytest.raises(ValueError, match="device 'cuda' is not available"):
+        sq.load_quantized(tmp_path / "nothing", device="cuda")
+    assert sq.load_quantized(path, device=torch.device("cpu")) is not None
+
+
+def test_only_safetensors_errors_are_called_corrupt(tmp_path, monkeypatch):
+    import safetensors
+    path = _saved(tmp_path)
+
+    def failing_open(*args, **kwargs):
+        raise RuntimeError("an unrelated failure")
+    monkeypatch.setattr(safetensors, "safe_open", failing_open)
+    with pytest.raises(RuntimeError, match="an unrelated failure"):
+        sq.load_quantized(path)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("in_features", None, "missing field 'in_features'"),
+    ("out_features", "64", "field 'out_features' must be a positive integer"),
+    ("in_features", 0, "field 'in_features' must be a positive integer"),
+    ("bias", 1, "field 'bias' must be a bool"),
+    ("activation", "bogus", "field 'activation' must be one of"),
+    ("weight", None, "missing field 'weight'"),
+    ("kind", "conv", "field 'kind' must be one of"),
+])
+def test_module_entry_schema_is_checked(tmp_path, field, value, message):
+    path = _saved(tmp_path)
+    name = "model.layers.0.self_attn.q_proj"
+
+    def edit(meta):
+        if value is None:
+            del meta["modules"][name][field]
+        else:
+            meta["modules"][name][field] = value
+    _edit_quant_file(path, edit)
+    for read in (read_quantization_config, sq.load_quantized):
+        with pytest.raises(CheckpointError, match=message) as info:
+            read(path)
+        assert QUANT_FILE in str(info.value) and repr(name) in str(info.value)
+
+
+def test_experts_entry_schema_is_checked(tmp_path):
+    path = _saved(tmp_path, "mixtral")
+    _edit_quant_file(path, lambda meta: meta["modules"]["model.layers.1.mlp.experts"].pop("num_experts"))
+    with pytest.raises(CheckpointError, match="'model.layers.1.mlp.experts': missing field 'num_experts'"):
+        sq.load_quantized(path)
+
+
+@pytest.mark.parametrize("weights_file", ["../other/sq_model.safetensors", "/etc/passwd", "sub/sq_model.safetensors",
+                                          "..", "sub\\sq_model.safetensors", "C:model.safetensors", "", 7])
+def test_weights_file_must_be_a_plain_name_in_the_directory(tmp_path, weights_file):
+    path = _saved(tmp_path / "ckpt")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / WEIGHTS_FILE).write_bytes((path / WEIGHTS_FILE).read_bytes())
+    _edit_quant_file(path, lambda meta: meta.update(weights_file=weights_file))
+    with pytest.raises(CheckpointError, match="'weights_file' must be"):
+        sq.load_quantized(path)
+
+
+@pytest.mark.parametrize("family, module", [("llama", "model.layers.0.self_attn.q_proj"),
+                                            ("mixtral", "model.layers.1.mlp.experts")])
+def test_edited_quantization_table_rejected(tmp_path, family, module):
+    """A scheme edit that keeps the stored tensors the same (dynamic per-token -> per-tensor) used to load
+    silently as a different model. Edits that change the tensors are rejected by the tensor checks."""
+    path = _saved(tmp_path, family)
+    _edit_quant_file(path, lambda meta: meta["modules"][module].update(activation="per_tensor"))
+    with pytest.raises(CheckpointError, match="quantization table .* was modified after saving"):
+        sq.load_quantized(path)
+    _edit_quant_file(path, lambda meta: meta["modules"][module].update(activation="per_token"))
+    sq.load_quantized(path)  # restored: loads again
+
+
+def test_quantization_table_hash_ignores_formatting(tmp_path):
+    path = _saved(tmp_path)
+    meta = json.loads((path / QUANT_FILE).read_text())
+    meta["modules"] = dict(reversed(list(meta["modules"].items())))
+    (path / QUANT_FILE).write_text(json.dumps(meta, sort_keys=True))  # other key order, no indentation
+    sq.load_quantized(path)
+
+
+def test_checkpoint_saved_without_table_hash_still_loads(tmp_path):
+    """Checkpoints written before the table hash was stored in the weights metadata load as before."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from sq_kernels.checkpoint import TABLE_DIGEST_KEY, _sha256_file
+    model = _quantized()
+    sq.save_quantized(model, tmp_path)
+    weights = tmp_path / WEIGHTS_FILE
+    with safe_open(str(weights), framework="pt") as f:
+        metadata = f.metadata()
+    assert len(metadata.pop(TABLE_DIGEST_KEY)) == 64
+    save_file(load_file(str(weights)), str(weights), metadata=metadata)
+    _edit_quant_file(tmp_path, lambda meta: meta.update(weights_sha256=_sha256_file(weights)))
+    loaded = sq.load_quantized(tmp_path)
+    x = calib_tokens(2, 16, seed=3)
+    assert torch.equal(_logits(loaded, x), _logits(model, x))

@@ -7,15 +7,25 @@ O(features) per module, not O(tokens). The statistics are what smoothing needs (
 the static scheme needs: a per-tensor maximum is the maximum of the per-channel ones, and after
 smoothing ``max|X_j / s_j|`` follows from them exactly (``ActStats.scaled``).
 
-Data: a tensor of token ids (``[T]`` cut into ``seq_len`` chunks, or ``[B, T]`` rows), a list of token
-tensors / id lists / strings (strings need a tokenizer), or the path of a local ``.txt`` file (tokenized
-and cut into ``seq_len`` chunks) or ``.jsonl`` file (one sample per line, field ``"text"``). Samples are
-taken in order (deterministic); samples of equal length are batched, nothing is padded.
+Data: a tensor of token ids (``[T]`` cut into ``seq_len`` chunks, or ``[B, T]`` rows), a tokenizer's
+output (``{"input_ids": ...}``, e.g. a ``BatchEncoding``: one text is cut into ``seq_len`` chunks like
+``[T]``, several are rows; padding is dropped using its ``attention_mask``), a list of token tensors /
+id lists / such dicts / strings (strings need a tokenizer), or the path of a local ``.txt`` file
+(tokenized and cut into ``seq_len`` chunks), ``.jsonl`` file (one sample per line, a string or an object
+with a string field ``"text"``) or ``.json`` file (an array of such values). Samples are taken in order
+(deterministic); samples of equal length are batched, nothing is padded. When a text file or a 1-D token
+stream gives fewer than ``num_samples`` full ``seq_len`` samples, or a JSON(L) file fewer than
+``num_samples`` texts, a ``UserWarning`` says how much was obtained (``ActStats.meta`` records
+``num_samples`` and ``num_tokens``).
 """
 from __future__ import annotations
 
 import json
+import operator
 import os
+import sys
+import warnings
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -175,15 +185,49 @@ class ExpertDownAbsMax:
 # ----------------------------------------------------------------------------------------------- data
 
 
+def check_positive_int(name: str, value, *, minimum: int = 1) -> int:
+    """``value`` as an int, or a ValueError naming the parameter (and its CLI flag) when it is not an integer
+    ``>= minimum``."""
+    flag = "--" + name.replace("_", "-")
+    if isinstance(value, bool):
+        value = None  # True is an int to Python, never a count to a user
+    try:
+        number = operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name} ({flag}) must be an integer >= {minimum}, got {value!r}") from None
+    if number < minimum:
+        raise ValueError(f"{name} ({flag}) must be an integer >= {minimum}, got {number}")
+    return number
+
+
+def _is_hf_tokenizer(tokenizer) -> bool:
+    transformers = sys.modules.get("transformers")
+    base = getattr(transformers, "PreTrainedTokenizerBase", None) if transformers is not None else None
+    return base is not None and isinstance(tokenizer, base)
+
+
 def _encode(tokenizer, text: str) -> torch.Tensor:
     if tokenizer is None:
         raise ValueError("data holds text but no tokenizer was given (pass tokenizer=, an HF tokenizer or any "
                          "callable str -> token ids)")
-    out = tokenizer(text)
-    if isinstance(out, dict) or hasattr(out, "keys"):
+    if _is_hf_tokenizer(tokenizer):
+        # verbose=False: a whole text file is longer than model_max_length by design (it is cut into seq_len
+        # chunks afterwards); the ids are the same, only transformers' "indexing errors" warning is skipped.
+        out = tokenizer(text, verbose=False)
+    else:
+        out = tokenizer(text)
+    if isinstance(out, Mapping) or hasattr(out, "keys"):
         out = out["input_ids"]
     ids = torch.as_tensor(out, dtype=torch.long).reshape(-1)
     return ids
+
+
+def _record_text(record, field: str):
+    if isinstance(record, str):
+        return record
+    if isinstance(record, dict) and isinstance(record.get(field), str):
+        return record[field]
+    return None
 
 
 def _read_jsonl(path: Path, field: str = "text") -> list[str]:
@@ -195,41 +239,140 @@ def _read_jsonl(path: Path, field: str = "text") -> list[str]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-            if isinstance(record, str):
-                texts.append(record)
-            elif isinstance(record, dict) and isinstance(record.get(field), str):
-                texts.append(record[field])
-            else:
-                raise ValueError(f"{path}:{lineno}: expected an object with a string field {field!r}")
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({exc.msg}); a .jsonl file holds one string or "
+                                 f"object with a string field {field!r} per line") from None
+            text = _record_text(record, field)
+            if text is None:
+                raise ValueError(f"{path}:{lineno}: expected a string or an object with a string field {field!r}")
+            texts.append(text)
     return texts
 
 
+def _read_json(path: Path, field: str = "text") -> list[str]:
+    """A ``.json`` file: a JSON array of strings / ``{field: str}`` objects; JSON Lines content is read as such."""
+    raw = path.read_text(encoding="utf-8")
+    accepted = (f"a .json file must hold a JSON array of strings or of objects with a string field {field!r} "
+                f"(or JSON Lines: one such value per line)")
+    try:
+        document = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        if exc.msg == "Extra data":  # several JSON values: JSON Lines saved as .json
+            return _read_jsonl(path, field)
+        raise ValueError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}); {accepted}") from None
+    if isinstance(document, list):
+        texts = []
+        for i, record in enumerate(document):
+            text = _record_text(record, field)
+            if text is None:
+                raise ValueError(f"{path}: element [{i}] is a {type(record).__name__}, not a string or an object "
+                                 f"with a string field {field!r}; {accepted}")
+            texts.append(text)
+        return texts
+    text = _record_text(document, field)
+    if text is not None:  # one record: one text
+        return [text]
+    raise ValueError(f"{path}: holds a JSON {type(document).__name__}; {accepted}")
+
+
+def read_texts(path) -> list[str]:
+    """The texts of a local ``.jsonl`` (one per line) or ``.json`` (an array) file: strings or the string
+    field ``"text"`` of objects."""
+    path = Path(path)
+    return _read_json(path) if path.suffix.lower() == ".json" else _read_jsonl(path)
+
+
+def is_json_file(path) -> bool:
+    return Path(path).suffix.lower() in (".jsonl", ".json")
+
+
+def _unpadded_rows(encoding: Mapping, what: str) -> list[torch.Tensor]:
+    """The token rows of a tokenizer output ``{"input_ids": ..., "attention_mask": ...}``, padding removed."""
+    ids = encoding["input_ids"]
+    if isinstance(ids, torch.Tensor) and ids.is_floating_point():
+        raise ValueError(f"{what}['input_ids']: token ids must be integers, got {ids.dtype}")
+    try:
+        ids = torch.as_tensor(ids)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"{what}['input_ids']: expected token ids (a tensor or a list of ints), or rows of equal "
+                         f"length (tokenize with padding=True, or pass a list of encodings)") from None
+    if ids.is_floating_point() or ids.dtype == torch.bool:
+        raise ValueError(f"{what}['input_ids']: token ids must be integers, got {ids.dtype}")
+    if ids.dim() > 2:
+        raise ValueError(f"{what}['input_ids']: expected [T] or [B, T] token ids, got shape {tuple(ids.shape)}")
+    rows = ids.long().reshape(-1, ids.shape[-1]) if ids.dim() else ids.long().reshape(1, 1)
+    mask = encoding.get("attention_mask") if hasattr(encoding, "get") else None
+    if mask is None:
+        return list(rows)
+    mask = torch.as_tensor(mask)
+    if mask.numel() != rows.numel():
+        raise ValueError(f"{what}: attention_mask of shape {tuple(mask.shape)} does not match input_ids of shape "
+                         f"{tuple(ids.shape)}")
+    mask = mask.reshape(rows.shape).bool()
+    return [row[m] for row, m in zip(rows, mask)]
+
+
 def _chunks(ids: torch.Tensor, seq_len: int, num_samples: int) -> list[torch.Tensor]:
+    """Consecutive ``seq_len``-token chunks (at most ``num_samples``; a stream shorter than ``seq_len`` gives
+    one short chunk; a remainder shorter than ``seq_len`` is dropped otherwise)."""
     n = min(num_samples, max(1, ids.numel() // seq_len))
     return [ids[i * seq_len:(i + 1) * seq_len] for i in range(n) if ids[i * seq_len:(i + 1) * seq_len].numel()]
 
 
+def _warn_little_data(samples: list[torch.Tensor], num_samples: int, seq_len: int, source: str,
+                      per_text: bool = False) -> None:
+    """Warn when ``samples`` hold fewer samples than asked for, or (for a cut stream) shorter ones."""
+    got, tokens = len(samples), sum(int(s.numel()) for s in samples)
+    short = not per_text and any(s.numel() < seq_len for s in samples)
+    if not samples or (got >= num_samples and not short):
+        return
+    if per_text:
+        obtained = f"{got} sample{'s' if got != 1 else ''} ({tokens} tokens in all, one per text)"
+    else:
+        lengths = sorted({int(s.numel()) for s in samples})
+        size = " or ".join(str(n) for n in lengths)
+        obtained = f"{got} sample{'s' if got != 1 else ''} x {size} tokens ({tokens} tokens in all)"
+    warnings.warn(f"calibration data {source} gave {obtained}; asked for num_samples={num_samples} x "
+                  f"seq_len={seq_len} (--num-samples / --seq-len). Statistics from less data may miss activation "
+                  f"outliers: give more calibration text, or lower num_samples / seq_len to silence this warning",
+                  UserWarning, stacklevel=3)
+
+
 def calibration_samples(data, tokenizer=None, num_samples: int = 128, seq_len: int = 512) -> list[torch.Tensor]:
     """Normalise ``data`` (see the module docstring) into at most ``num_samples`` 1-D LongTensors of at
-    most ``seq_len`` tokens each."""
+    most ``seq_len`` tokens each. Warns (``UserWarning``) when a text file or a 1-D token stream gives fewer
+    than ``num_samples`` samples of ``seq_len`` tokens, or a JSON(L) file fewer than ``num_samples`` texts."""
+    num_samples = check_positive_int("num_samples", num_samples)
+    seq_len = check_positive_int("seq_len", seq_len)
+    source = None  # set for data whose sample count the user does not choose directly (files, streams)
+    per_text = False
     if isinstance(data, (str, os.PathLike)):
         path = Path(data)
         if not path.is_file():
             raise ValueError(f"data: {str(path)!r} is not a file (pass token tensors, a list of strings with a "
-                             f"tokenizer, or the path of a local .txt / .jsonl file)")
-        if path.suffix.lower() in (".jsonl", ".json"):
-            data = _read_jsonl(path)
+                             f"tokenizer, or the path of a local .txt / .jsonl / .json file)")
+        source = f"from {str(path)!r}"
+        if is_json_file(path):
+            data, per_text = read_texts(path), True
         else:
             samples = _chunks(_encode(tokenizer, path.read_text(encoding="utf-8")), seq_len, num_samples)
             if not samples:
                 raise ValueError(f"data: {str(path)!r} holds no tokens")
+            _warn_little_data(samples, num_samples, seq_len, source)
             return samples
+    if isinstance(data, Mapping) or (hasattr(data, "keys") and hasattr(data, "__getitem__")
+                                     and not isinstance(data, torch.Tensor)):
+        if "input_ids" not in data:
+            raise ValueError(f"data: a dict (tokenizer output) must hold 'input_ids', got keys {list(data.keys())}")
+        data = _unpadded_rows(data, "data")
+        if len(data) == 1:  # one tokenized text: a stream, cut into seq_len chunks like a .txt file
+            data, source = data[0], "(one tokenized text)"
     if isinstance(data, torch.Tensor):
-        if data.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.bool):
+        if data.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.bool) \
+                or data.is_floating_point() or data.is_complex():
             raise ValueError(f"data: token ids must be an integer tensor, got {data.dtype}")
         if data.dim() == 1:
             samples = _chunks(data.long(), seq_len, num_samples)
+            source = source or "(a 1-D token stream)"
         elif data.dim() == 2:
             samples = [row[:seq_len].long() for row in data[:num_samples]]
         else:
@@ -240,33 +383,41 @@ def calibration_samples(data, tokenizer=None, num_samples: int = 128, seq_len: i
             if len(samples) >= num_samples:
                 break
             if isinstance(item, str):
-                ids = _encode(tokenizer, item)
-            elif isinstance(item, dict) and "input_ids" in item:
-                ids = torch.as_tensor(item["input_ids"], dtype=torch.long)
+                rows = [_encode(tokenizer, item)]
+            elif isinstance(item, Mapping) or (hasattr(item, "keys") and not isinstance(item, torch.Tensor)):
+                if "input_ids" not in item:
+                    raise ValueError(f"data[{i}]: a dict (tokenizer output) must hold 'input_ids', got keys "
+                                     f"{list(item.keys())}")
+                rows = _unpadded_rows(item, f"data[{i}]")
             elif isinstance(item, torch.Tensor) or (isinstance(item, (list, tuple))
                                                     and all(isinstance(v, int) for v in item)):
                 ids = torch.as_tensor(item)
-                if ids.is_floating_point():
+                if ids.is_floating_point() or ids.dtype == torch.bool:
                     raise ValueError(f"data[{i}]: token ids must be integers, got {ids.dtype}")
+                rows = list(ids.long().reshape(1, -1) if ids.dim() <= 1 else ids.long())
             else:
                 raise ValueError(f"data[{i}]: expected a string, a token tensor, a list of ints or a dict with "
-                                 f"'input_ids', got {type(item).__name__}")
-            ids = ids.long()
-            for row in (ids.reshape(1, -1) if ids.dim() <= 1 else ids):
+                                 f"'input_ids' (e.g. a tokenizer's BatchEncoding), got {type(item).__name__}")
+            for row in rows:
                 if len(samples) < num_samples:
-                    samples.append(row[:seq_len])
+                    samples.append(row.long()[:seq_len])
     else:
-        raise ValueError(f"data: unsupported type {type(data).__name__} (pass token tensors, a list of strings "
-                         f"with a tokenizer, or the path of a local .txt / .jsonl file)")
+        raise ValueError(f"data: unsupported type {type(data).__name__} (pass token tensors, a tokenizer's output, "
+                         f"a list of strings with a tokenizer, or the path of a local .txt / .jsonl / .json file)")
     samples = [s for s in samples if s.numel() > 0]
     if not samples:
         raise ValueError("data: no calibration samples (empty data or empty texts)")
+    if source is not None:
+        _warn_little_data(samples, num_samples, seq_len, source, per_text=per_text)
     return samples
 
 
 def calibration_batches(data, tokenizer=None, num_samples: int = 128, seq_len: int = 512,
                         batch_size: int = 1) -> list[torch.Tensor]:
     """``calibration_samples`` grouped into ``[b, T]`` batches of consecutive equal-length samples."""
+    check_positive_int("num_samples", num_samples)
+    check_positive_int("seq_len", seq_len)
+    batch_size = check_positive_int("batch_size", batch_size)
     if isinstance(data, list) and data and all(isinstance(b, torch.Tensor) and b.dim() == 2 for b in data) \
             and not any(b.is_floating_point() for b in data):
         return [b.long() for b in data]  # already batched
@@ -282,11 +433,62 @@ def calibration_batches(data, tokenizer=None, num_samples: int = 128, seq_len: i
     return batches
 
 
-def check_token_ids(model, batch: torch.Tensor) -> None:
+# Config fields that name a model's maximum number of positions, in the order families use them.
+POSITION_FIELDS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length")
+# Names of learned absolute-position tables (OPT / BioGPT: embed_positions, GPT-2 / GPT-Neo: wpe, ...).
+_POSITION_TABLES = ("embed_positions", "wpe", "position_embeddings", "pos_emb", "embed_pos")
+
+
+def position_limit(model) -> tuple[int, str, bool] | None:
+    """``(limit, what, hard)``: the most tokens one sequence may have. ``hard`` when the model looks positions
+    up in a learned table (longer inputs index past it: OPT, GPT-2); otherwise ``limit`` is the config's
+    trained context (rotary / ALiBi models run beyond it). None when the model states no limit."""
+    config = getattr(model, "config", None)
+    field, value = None, None
+    for name in POSITION_FIELDS:
+        v = getattr(config, name, None) if config is not None else None
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            field, value = name, v
+            break
+    for name, module in model.named_modules() if isinstance(model, nn.Module) else ():
+        if isinstance(module, nn.Embedding) and name.rsplit(".", 1)[-1] in _POSITION_TABLES:
+            # OPT's table has max_position_embeddings + 2 rows: position p is looked up at row p + offset
+            limit = module.num_embeddings - int(getattr(module, "offset", 0) or 0)
+            if value is not None and limit == value:
+                return limit, f"{field} ({limit})", True
+            return limit, f"learned position table {name} ({limit} positions)", True
+    if value is None:
+        return None
+    return value, f"{field} ({value})", False
+
+
+def check_positions(model, length: int, what: str = "seq_len", remedy: str | None = None,
+                    warn: bool = True) -> bool:
+    """ValueError when sequences of ``length`` tokens exceed the positions ``model`` can embed (a learned
+    table: OPT, GPT-2); a UserWarning (when ``warn``) when they only exceed its trained context (rotary /
+    ALiBi models run beyond it). ``remedy`` ends the message (default: lower seq_len). True when over a
+    soft limit."""
+    found = position_limit(model)
+    if found is None or length <= found[0]:
+        return False
+    limit, described, hard = found
+    remedy = remedy or f"pass seq_len <= {limit} (--seq-len {limit})"
+    if hard:
+        raise ValueError(f"{what}: sequences of {length} tokens exceed the model's {described}: it has learned "
+                         f"position embeddings for at most {limit} tokens; {remedy}")
+    if warn:
+        warnings.warn(f"{what}: sequences of {length} tokens are longer than the model's {described}, the context "
+                      f"it was trained for; results beyond it may be poor ({remedy})", UserWarning, stacklevel=3)
+    return True
+
+
+def check_token_ids(model, batch: torch.Tensor, positions: bool = True) -> None:
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     if batch.numel() and vocab is not None and (int(batch.min()) < 0 or int(batch.max()) >= vocab):
         raise ValueError(f"data: token ids must lie in [0, {vocab}) (the model's vocab_size), got "
                          f"[{int(batch.min())}, {int(batch.max())}]; was the data tokenized for another model?")
+    if positions and batch.dim():
+        check_positions(model, int(batch.shape[-1]), "seq_len")
 
 
 def model_device(model) -> torch.device:
@@ -355,17 +557,26 @@ def collect_act_stats(model, data, tokenizer=None, *, num_samples: int = 128, se
 
     Args:
         model: an HF causal LM (or any module taking token ids), on CPU or GPU; run in eval mode.
-        data: token tensors, a list of strings (with ``tokenizer``), or a local .txt / .jsonl path.
+        data: token tensors, a tokenizer's output, a list of strings (with ``tokenizer``), or a local .txt /
+            .jsonl / .json path (see the module docstring).
         tokenizer: an HF tokenizer or any callable ``str -> token ids``.
-        num_samples / seq_len / batch_size: how much data, in samples of at most ``seq_len`` tokens.
+        num_samples / seq_len / batch_size: how much data, in samples of at most ``seq_len`` tokens (positive
+            integers; ``seq_len`` at most the model's learned positions, e.g. OPT's max_position_embeddings).
         targets: ``{name: module}`` to observe (default: ``default_targets(model)``).
         family: a ``FamilySpec`` overriding the registered table (for the router targets).
         progress: tqdm progress bar.
 
     Returns:
-        ``ActStats``; raises ValueError when a statistic is NaN/Inf (an overflowing model).
+        ``ActStats`` (``meta["num_samples"]`` / ``meta["num_tokens"]``: how much data was used); raises
+        ValueError when a statistic is NaN/Inf (an overflowing model). Warns when the data gave fewer samples
+        than asked for (see ``calibration_samples``).
     """
     batches = calibration_batches(data, tokenizer, num_samples, seq_len, batch_size)
+    # every batch is checked before the (possibly long) calibration run starts
+    for batch in batches:
+        check_token_ids(model, batch, positions=False)
+    if batches:
+        check_positions(model, max(int(b.shape[-1]) for b in batches), "seq_len")
     targets = default_targets(model, family) if targets is None else targets
     if not targets:
         raise ValueError(f"collect_act_stats: {type(model).__name__} has no nn.Linear or experts module to observe")
@@ -396,7 +607,6 @@ def collect_act_stats(model, data, tokenizer=None, *, num_samples: int = 128, se
     model.eval()
     try:
         for batch in _progress(batches, progress, desc="calibrating", unit="batch"):
-            check_token_ids(model, batch)
             run_model(model, batch.to(device))
     finally:
         for h in handles:

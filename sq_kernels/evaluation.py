@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .calibration import _encode, _read_jsonl, calibration_batches, check_token_ids, model_device
+from .calibration import (_encode, calibration_batches, check_positions, check_positive_int, check_token_ids,
+                          is_json_file, model_device, read_texts)
 
 
 def sqnr(ref: torch.Tensor, test: torch.Tensor) -> float:
@@ -34,45 +36,82 @@ def _progress(iterable, enabled, **kwargs):
     return tqdm(iterable, **kwargs)
 
 
+DOCUMENT_SEPARATOR = "\n\n"  # between the texts of a list or a JSON(L) file, as in the WikiText evaluations
+
+
 def _token_stream(data, tokenizer) -> torch.Tensor:
+    """One token stream from a 1-D token tensor / list of ints, a list of texts, or a local file: a text file
+    as it is, a .jsonl / .json file's texts (as calibration reads them) joined by a blank line."""
     if isinstance(data, torch.Tensor):
-        if data.is_floating_point():
+        if data.is_floating_point() or data.is_complex() or data.dtype == torch.bool:
             raise ValueError(f"data: token ids must be integers, got {data.dtype}")
         return data.reshape(-1).long()
+    if isinstance(data, (list, tuple)):
+        if data and all(isinstance(t, str) for t in data):
+            return _encode(tokenizer, DOCUMENT_SEPARATOR.join(data))
+        if data and all(isinstance(t, int) and not isinstance(t, bool) for t in data):
+            return torch.tensor(data, dtype=torch.long)
+        raise ValueError("data: a list must hold texts (strings, scored as one text joined by blank lines) or token "
+                         "ids (ints); pass a local text file, a list of strings or a 1-D token tensor")
+    if not isinstance(data, (str, os.PathLike)):
+        raise ValueError(f"data: unsupported type {type(data).__name__} (pass a local text / .jsonl / .json file, a "
+                         f"list of strings or a 1-D token tensor)")
     path = Path(data)
     if not path.is_file():
-        raise ValueError(f"data: {str(path)!r} is not a file (pass a local text file or a 1-D token tensor)")
+        raise ValueError(f"data: {str(path)!r} is not a file (pass a local text / .jsonl / .json file, a list of "
+                         f"strings or a 1-D token tensor)")
+    if is_json_file(path):
+        texts = read_texts(path)
+        if not texts:
+            raise ValueError(f"data: {str(path)!r} holds no texts")
+        return _encode(tokenizer, DOCUMENT_SEPARATOR.join(texts))
     return _encode(tokenizer, path.read_text(encoding="utf-8"))
+
+
+def _windows(n_tokens: int, seq_len: int, stride: int) -> list[tuple[int, int]]:
+    """``(begin, end)`` of each window that scores tokens; the last one reaches the end of the stream."""
+    windows = []
+    for begin in range(0, n_tokens - 1, stride):
+        end = min(begin + seq_len, n_tokens)
+        windows.append((begin, end))
+        if end == n_tokens:
+            break
+    return windows
 
 
 @torch.no_grad()
 def perplexity(model: nn.Module, data, tokenizer=None, *, seq_len: int = 512, stride: int | None = None,
                max_windows: int | None = None, progress: bool = True) -> float:
-    """Perplexity of ``model`` on a local text file (or a 1-D token tensor), with sliding windows.
+    """Perplexity of ``model`` on local text (a text file, a .jsonl / .json file's texts, a list of strings:
+    several texts are joined by a blank line) or a 1-D token tensor, with sliding windows.
 
     Windows of ``seq_len`` tokens start every ``stride`` tokens. A token is scored at most once, by the
     first window that can predict it (it needs one token of context inside the window). With the
     default ``stride = seq_len`` (disjoint windows, as in the SmoothQuant and GPTQ WikiText evaluations)
     the first token of every window is context only; with ``stride < seq_len`` every token but the
     text's first is scored, later windows giving ``seq_len - stride`` tokens of extra context.
+    ``max_windows`` (>= 1) evaluates only the first windows. ``seq_len`` may not exceed the positions a
+    model with learned position embeddings has (OPT: max_position_embeddings).
     Returns ``exp(mean negative log-likelihood)``.
     """
-    if seq_len < 2:
-        raise ValueError(f"seq_len must be >= 2, got {seq_len}")
-    stride = seq_len if stride is None else stride
-    if not 1 <= stride <= seq_len:
-        raise ValueError(f"stride must lie in [1, seq_len={seq_len}], got {stride}")
+    seq_len = check_positive_int("seq_len", seq_len, minimum=2)
+    stride = seq_len if stride is None else check_positive_int("stride", stride)
+    if stride > seq_len:
+        raise ValueError(f"stride (--stride) must lie in [1, seq_len={seq_len}], got {stride}: a larger stride "
+                         f"would skip tokens")
+    if max_windows is not None:
+        max_windows = check_positive_int("max_windows", max_windows)
     ids = _token_stream(data, tokenizer)
     if ids.numel() < 2:
         raise ValueError("perplexity needs at least 2 tokens")
-    check_token_ids(model, ids)
+    check_token_ids(model, ids, positions=False)
+    check_positions(model, min(seq_len, ids.numel()), "seq_len")
     device = model_device(model)
-    starts = list(range(0, ids.numel() - 1, stride))
+    windows = _windows(ids.numel(), seq_len, stride)
     if max_windows is not None:
-        starts = starts[:max_windows]
+        windows = windows[:max_windows]
     nll, count, scored_to = 0.0, 0, 1
-    for begin in _progress(starts, progress, desc="perplexity", unit="window"):
-        end = min(begin + seq_len, ids.numel())
+    for begin, end in _progress(windows, progress, desc="perplexity", unit="window"):
         lo = max(scored_to, begin + 1)
         if lo >= end:
             continue
@@ -83,8 +122,6 @@ def perplexity(model: nn.Module, data, tokenizer=None, *, seq_len: int = 512, st
         nll -= float(logp.gather(-1, targets.unsqueeze(-1)).sum())
         count += targets.numel()
         scored_to = end
-        if end == ids.numel():
-            break
     return math.exp(nll / count)
 
 
@@ -98,41 +135,86 @@ def _encode_target(tokenizer, text: str) -> torch.Tensor:
     return torch.as_tensor(out, dtype=torch.long).reshape(-1)
 
 
+def _context_and_target(tokenizer, text: str, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids of a text's context (everything before its last word) and of the last word."""
+    text = text.strip()
+    cut = text.rfind(" ")
+    if cut <= 0:
+        raise ValueError(f"text {i} has no context before its last word: {text[:60]!r}")
+    context = _encode(tokenizer, text[:cut])
+    full = _encode(tokenizer, text)
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is not None and context.numel() and full.numel() and int(context[-1]) == int(full[-1]) == eos:
+        context, full = context[:-1], full[:-1]  # a tokenizer that appends EOS: the target is the word
+    if full.numel() > context.numel() and torch.equal(full[:context.numel()], context):
+        target = full[context.numel():]
+    else:  # the tokenizer merges across the cut: tokenize the last word on its own
+        target = _encode_target(tokenizer, text[cut:])
+    return context, target
+
+
 @torch.no_grad()
 def last_token_accuracy(model: nn.Module, data, tokenizer, *, max_samples: int | None = None,
                         progress: bool = True) -> float:
     """LAMBADA-style accuracy: the fraction of texts whose last word the model predicts exactly (every
     token of it, greedily) from the preceding context.
 
-    ``data``: a local JSONL file (one ``{"text": ...}`` per line) or a list of strings.
+    ``data``: a local JSONL file (one ``{"text": ...}`` per line), a .json file (an array of them) or a list
+    of strings. ``max_samples`` (>= 1): only the first texts. A text longer than the positions a model with
+    learned position embeddings has (OPT: max_position_embeddings) is an error.
     """
-    texts = _read_jsonl(Path(data)) if isinstance(data, (str, Path)) else list(data)
+    if max_samples is not None:
+        max_samples = check_positive_int("max_samples", max_samples)
+    if isinstance(data, (str, os.PathLike)):
+        if not Path(data).is_file():
+            raise ValueError(f"data: {str(data)!r} is not a file (pass a local .jsonl / .json file or a list of "
+                             f"strings)")
+        texts = read_texts(data)
+    elif isinstance(data, (list, tuple)) and all(isinstance(t, str) for t in data):
+        texts = list(data)
+    else:
+        raise ValueError(f"data: expected a local .jsonl / .json file or a list of strings, got "
+                         f"{type(data).__name__}")
     if max_samples is not None:
         texts = texts[:max_samples]
     if not texts:
         raise ValueError("last_token_accuracy: no texts")
+    # every text is tokenized and checked before the model runs on any of them
+    problems = []
+    for i, text in enumerate(texts):
+        context, target = _context_and_target(tokenizer, text, i)
+        ids = torch.cat([context, target]).unsqueeze(0)
+        check_token_ids(model, ids, positions=False)
+        check_positions(model, ids.shape[1], f"data: text {i} (context + last word)", warn=False,
+                        remedy="shorten the text or leave it out (each text is scored as one sequence)")
+        problems.append((ids, context.numel(), target))
+    longest = max(ids.shape[1] for ids, _, _ in problems)
+    check_positions(model, longest, "data: the longest text (context + last word)",
+                    remedy="shorter texts avoid this")
     device = model_device(model)
     correct = 0
-    for i, text in enumerate(_progress(texts, progress, desc="last-word accuracy", unit="text")):
-        text = text.strip()
-        cut = text.rfind(" ")
-        if cut <= 0:
-            raise ValueError(f"text {i} has no context before its last word: {text[:60]!r}")
-        context = _encode(tokenizer, text[:cut])
-        full = _encode(tokenizer, text)
-        eos = getattr(tokenizer, "eos_token_id", None)
-        if eos is not None and context.numel() and full.numel() and int(context[-1]) == int(full[-1]) == eos:
-            context, full = context[:-1], full[:-1]  # a tokenizer that appends EOS: the target is the word
-        if full.numel() > context.numel() and torch.equal(full[:context.numel()], context):
-            target = full[context.numel():]
-        else:  # the tokenizer merges across the cut: tokenize the last word on its own
-            target = _encode_target(tokenizer, text[cut:])
-        ids = torch.cat([context, target]).unsqueeze(0)
-        check_token_ids(model, ids)
+    for ids, n_context, target in _progress(problems, progress, desc="last-word accuracy", unit="text"):
         logits = model(input_ids=ids.to(device), use_cache=False).logits[0]
-        predicted = logits[context.numel() - 1:ids.shape[1] - 1].argmax(dim=-1).cpu()
+        predicted = logits[n_context - 1:ids.shape[1] - 1].argmax(dim=-1).cpu()
         correct += bool(torch.equal(predicted, target))
     return correct / len(texts)
+
+
+def _weight_shape(module: nn.Module) -> dict[str, tuple] | None:
+    """The shapes that decide a module's output: in/out features of a linear, the expert weights' shapes of
+    fused experts (float or W8A8)."""
+    if hasattr(module, "in_features") and hasattr(module, "out_features"):
+        return {"in_features": int(module.in_features), "out_features": int(module.out_features)}
+    gate_up, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
+    if isinstance(gate_up, torch.Tensor) and isinstance(down, torch.Tensor):
+        return {"gate_up_proj": tuple(gate_up.shape), "down_proj": tuple(down.shape)}
+    return None
+
+
+def _describe_shape(shape: dict | None) -> str:
+    if shape is None:
+        return "no linear weights (not a linear or experts module)"
+    return ", ".join(f"{k}={v}" for k, v in shape.items())
 
 
 def _quantized_names(model: nn.Module) -> list[str]:
@@ -155,7 +237,20 @@ def layer_sqnr(fp_model: nn.Module, q_model: nn.Module, data, tokenizer=None, *,
     if missing:
         raise ValueError(f"layer_sqnr: fp_model lacks modules {missing[:4]}: is it the original of q_model?")
     q_modules = dict(q_model.named_modules())
+    for n in names:
+        fp_shape, q_shape = _weight_shape(fp_modules[n]), _weight_shape(q_modules[n])
+        if fp_shape != q_shape:
+            raise ValueError(f"layer_sqnr: module {n!r} has {_describe_shape(fp_shape)} in the reference (fp_model, "
+                             f"--reference) but {_describe_shape(q_shape)} in the quantized model: the reference "
+                             f"must be the floating-point model that was quantized")
     batches = calibration_batches(data, tokenizer, num_samples, seq_len, 1)
+    for batch in batches:
+        check_token_ids(fp_model, batch, positions=False)
+        check_token_ids(q_model, batch, positions=False)
+    if batches:
+        longest = max(int(b.shape[-1]) for b in batches)
+        if not check_positions(fp_model, longest, "seq_len"):
+            check_positions(q_model, longest, "seq_len")
     signal = {n: 0.0 for n in names + ["logits"]}
     noise = dict(signal)
 
@@ -170,10 +265,13 @@ def layer_sqnr(fp_model: nn.Module, q_model: nn.Module, data, tokenizer=None, *,
         handles.append(q_modules[n].register_forward_hook(capture(q_out, n)))
     try:
         for batch in _progress(batches, progress, desc="layer SQNR", unit="batch"):
-            check_token_ids(fp_model, batch)
             fp_out["logits"] = fp_model(input_ids=batch.to(model_device(fp_model)), use_cache=False).logits
             q_out["logits"] = q_model(input_ids=batch.to(model_device(q_model)), use_cache=False).logits
             for n in signal:
+                if fp_out[n].shape != q_out[n].shape:
+                    raise ValueError(f"layer_sqnr: the output of {n!r} has shape {tuple(fp_out[n].shape)} in the "
+                                     f"reference (fp_model, --reference) but {tuple(q_out[n].shape)} in the quantized "
+                                     f"model: the reference must be the floating-point model that was quantized")
                 ref, test = fp_out[n].double(), q_out[n].to(fp_out[n].device).double()
                 signal[n] += float((ref * ref).sum())
                 noise[n] += float(((ref - test) ** 2).sum())

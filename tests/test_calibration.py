@@ -1,5 +1,6 @@
 """Calibration: the running abs-max observer, every data form, statistics files, and the guards."""
 import json
+import warnings
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ from torch import nn
 from sq_kernels.calibration import (ActStats, RunningAbsMax, calibration_batches, calibration_samples,
                                     collect_act_stats)
 
-from conftest import VOCAB, calib_tokens, make_model
+from conftest import TEXT, VOCAB, calib_tokens, char_tokenizer, make_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -71,7 +72,8 @@ def test_mixtral_router_and_per_expert_statistics():
 
 def test_data_forms(tokenizer, text_file, tmp_path):
     ids = torch.arange(100) % VOCAB
-    assert [s.numel() for s in calibration_samples(ids, seq_len=30, num_samples=10)] == [30, 30, 30]
+    with pytest.warns(UserWarning, match="gave 3 samples x 30 tokens"):
+        assert [s.numel() for s in calibration_samples(ids, seq_len=30, num_samples=10)] == [30, 30, 30]
     assert len(calibration_samples(calib_tokens(5, 12), num_samples=3)) == 3
     assert calibration_samples([[1, 2, 3], torch.tensor([4, 5])])[1].tolist() == [4, 5]
     texts = calibration_samples(["hello world", "abc"], tokenizer)
@@ -81,7 +83,7 @@ def test_data_forms(tokenizer, text_file, tmp_path):
     assert len(chunks) == 4 and all(c.numel() == 64 for c in chunks)
     jsonl = tmp_path / "calib.jsonl"
     jsonl.write_text("\n".join(json.dumps({"text": t}) for t in ["one two", "three four five"]) + "\n")
-    assert len(calibration_samples(jsonl, tokenizer)) == 2
+    assert len(calibration_samples(jsonl, tokenizer, num_samples=2)) == 2
     five, seven = torch.ones(5, dtype=torch.long), torch.ones(7, dtype=torch.long)
     batches = calibration_batches([five] * 3 + [seven], batch_size=2)
     assert [tuple(b.shape) for b in batches] == [(2, 5), (1, 5), (1, 7)]  # equal lengths batched, no padding
@@ -170,3 +172,130 @@ def test_scaled_statistics():
     out = stats.scaled({"a": torch.tensor([2.0, 0.5])})
     assert out["a"].tolist() == [1.0, 8.0] and torch.equal(out["b"], stats["b"])
     assert out.per_tensor_absmax("a") == 8.0
+
+
+# --------------------------------------------------------------------- audit fixes: limits, data forms
+
+def _count_forwards(model):
+    calls = []
+    model.register_forward_pre_hook(lambda m, a: calls.append(1))
+    return calls
+
+
+def test_seq_len_beyond_learned_positions_is_a_clear_error(tokenizer, text_file):
+    # OPT's learned position table has max_position_embeddings + 2 rows (offset 2): exactly 128 positions fit
+    model = make_model("opt")
+    calls = _count_forwards(model)
+    with pytest.raises(ValueError, match=r"seq_len.* 129 tokens exceed the model's max_position_embeddings \(128\)"
+                                         r".*--seq-len 128"):
+        collect_act_stats(model, text_file, tokenizer, num_samples=2, seq_len=129, progress=False)
+    with pytest.raises(ValueError, match=r"200 tokens exceed the model's max_position_embeddings \(128\)"):
+        collect_act_stats(model, calib_tokens(2, 200), progress=False)  # default seq_len 512 keeps 200-token rows
+    assert not calls  # refused before any forward
+    stats = collect_act_stats(model, text_file, tokenizer, num_samples=2, seq_len=128, progress=False)
+    assert stats.meta["num_tokens"] == 256
+
+
+def test_seq_len_beyond_rotary_context_only_warns():
+    model = make_model("llama")  # rotary positions, max_position_embeddings=128: longer inputs still run
+    with pytest.warns(UserWarning, match=r"160 tokens are longer than the model's max_position_embeddings \(128\)"):
+        stats = collect_act_stats(model, calib_tokens(1, 160), progress=False)
+    assert stats.meta["num_tokens"] == 160
+    bloom = make_model("bloom")  # ALiBi, no position limit in its config: nothing to say
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        collect_act_stats(bloom, calib_tokens(1, 160), progress=False)
+
+
+@pytest.mark.parametrize("kwargs,name", [(dict(seq_len=0), "seq_len"), (dict(seq_len=-4), "seq_len"),
+                                         (dict(num_samples=0), "num_samples"), (dict(num_samples=-1), "num_samples"),
+                                         (dict(num_samples=2.5), "num_samples"), (dict(seq_len=True), "seq_len"),
+                                         (dict(batch_size=0), "batch_size"), (dict(batch_size=-2), "batch_size")])
+def test_numeric_parameters_are_checked(kwargs, name):
+    flag = "--" + name.replace("_", "-")
+    with pytest.raises(ValueError, match=rf"{name} \({flag}\) must be an integer >= 1"):
+        calibration_batches(torch.arange(100) % VOCAB, **kwargs)
+    with pytest.raises(ValueError, match=rf"{name} \({flag}\)"):
+        collect_act_stats(make_model("llama"), calib_tokens(2, 8), progress=False, **kwargs)
+
+
+def test_too_little_calibration_data_warns(tokenizer, tmp_path, text_file):
+    short = tmp_path / "short.txt"
+    short.write_text("hello world", encoding="utf-8")
+    with pytest.warns(UserWarning, match=r"gave 1 sample x 11 tokens \(11 tokens in all\); asked for "
+                                         r"num_samples=128 x seq_len=512"):
+        stats = collect_act_stats(make_model("llama"), short, tokenizer, progress=False)
+    assert stats.meta["num_samples"] == 1 and stats.meta["num_tokens"] == 11  # the count, programmatically
+    full = len(TEXT) // 64  # one token per character
+    with pytest.warns(UserWarning, match=rf"gave {full} samples x 64 tokens \({full * 64} tokens in all\); asked "
+                                         rf"for num_samples=50 x seq_len=64"):
+        assert len(calibration_samples(text_file, tokenizer, num_samples=50, seq_len=64)) == full
+    jsonl = tmp_path / "two.jsonl"
+    jsonl.write_text('{"text": "one two"}\n{"text": "three"}\n')
+    with pytest.warns(UserWarning, match=r"gave 2 samples .*asked for num_samples=5"):
+        calibration_samples(jsonl, tokenizer, num_samples=5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # enough data, or samples the caller chose: no warning
+        assert len(calibration_samples(text_file, tokenizer, num_samples=4, seq_len=64)) == 4
+        calibration_samples(calib_tokens(3, 8), num_samples=128, seq_len=512)
+        calibration_samples(jsonl, tokenizer, num_samples=2)
+
+
+def test_tokenizer_output_is_accepted(tokenizer):
+    text = "the quick brown fox jumps over the lazy dog"
+    ids = tokenizer(text)["input_ids"]
+    enc = tokenizer(text, return_tensors="pt")  # a BatchEncoding (a UserDict, not a dict)
+    with pytest.warns(UserWarning, match=r"one tokenized text\) gave 2 samples x 16 tokens"):  # 4 x 16 asked for
+        chunks = calibration_samples(enc, num_samples=4, seq_len=16)  # one text: cut like a token stream
+    assert [s.tolist() for s in chunks] == [ids[:16], ids[16:32]]
+    samples = calibration_samples([tokenizer("abc", return_tensors="pt"), tokenizer("de")])
+    assert [s.tolist() for s in samples] == [tokenizer("abc")["input_ids"], tokenizer("de")["input_ids"]]
+    tokenizer_pad = char_tokenizer()
+    tokenizer_pad.pad_token = "<unk>"
+    padded = tokenizer_pad(["abcd", "ef"], padding=True, return_tensors="pt")
+    assert padded["input_ids"].shape == (2, 4)
+    samples = calibration_samples(padded)  # padding removed using the attention mask
+    assert [s.tolist() for s in samples] == [tokenizer("abcd")["input_ids"], tokenizer("ef")["input_ids"]]
+    stats = collect_act_stats(make_model("llama"), [enc], progress=False)
+    assert stats.meta["num_tokens"] == len(ids)
+    with pytest.raises(ValueError, match="must hold 'input_ids'"):
+        calibration_samples({"attention_mask": [1, 1]})
+
+
+def test_json_array_file(tokenizer, tmp_path):
+    texts = ["one two", "three four five"]
+    for payload in (texts, [{"text": t} for t in texts]):
+        path = tmp_path / "calib.json"
+        path.write_text(json.dumps(payload))
+        samples = calibration_samples(path, tokenizer, num_samples=2)
+        assert [s.tolist() for s in samples] == [tokenizer(t)["input_ids"] for t in texts]
+    lines = tmp_path / "lines.json"  # JSON Lines saved as .json
+    lines.write_text("\n".join(json.dumps({"text": t}) for t in texts))
+    assert len(calibration_samples(lines, tokenizer, num_samples=2)) == 2
+    for bad in ([1, 2, 3], {"data": texts}, [{"content": "x"}]):
+        path = tmp_path / "bad.json"
+        path.write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match="JSON array of strings or of objects with a string field 'text'"):
+            calibration_samples(path, tokenizer)
+    broken = tmp_path / "broken.json"
+    broken.write_text('["unterminated')
+    with pytest.raises(ValueError, match="broken.json: not valid JSON"):
+        calibration_samples(broken, tokenizer)
+
+
+def test_long_text_file_tokenizes_without_transformers_length_warning(text_file):
+    import logging
+    tok = char_tokenizer()
+    tok.model_max_length = 16  # the file is far longer: transformers would warn about "indexing errors"
+    expected = tok(text_file.read_text(encoding="utf-8"), verbose=False)["input_ids"]
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("transformers")  # transformers' loggers propagate up to this one
+    logger.addHandler(handler)
+    try:
+        samples = calibration_samples(text_file, tok, num_samples=4, seq_len=64)
+    finally:
+        logger.removeHandler(handler)
+    assert torch.cat(samples).tolist() == expected[:256]  # the same token ids
+    assert not [r for r in records if "longer than the specified maximum" in r.getMessage()]

@@ -146,3 +146,94 @@ def test_layer_sqnr_needs_matching_models():
     sq.quantize_(q, sq.SmoothQuantConfig(progress=False, smooth=False))
     with pytest.raises(ValueError, match="lacks modules"):
         layer_sqnr(fp, q, calib_tokens(1, 8))
+
+
+# --------------------------------------------------------------------- audit fixes: limits, data forms
+
+def test_seq_len_beyond_learned_positions_is_a_clear_error(tokenizer, text_file):
+    model = make_model("opt")  # learned positions: max_position_embeddings=128 (table of 130 rows, offset 2)
+    calls = []
+    model.register_forward_pre_hook(lambda m, a, k: calls.append(1), with_kwargs=True)
+    with pytest.raises(ValueError, match=r"seq_len.* 512 tokens exceed the model's max_position_embeddings \(128\)"
+                                         r".*--seq-len 128"):
+        perplexity(model, text_file, tokenizer, progress=False)  # the default seq_len 512
+    long_text = " ".join(["word"] * 40)  # 199 characters: one token each
+    with pytest.raises(ValueError, match=r"text 1 .*199 tokens exceed the model's max_position_embeddings \(128\)"):
+        last_token_accuracy(model, ["a short one", long_text], tokenizer, progress=False)
+    q = copy.deepcopy(model)
+    sq.quantize_(q, sq.SmoothQuantConfig(progress=False, smooth=False))
+    with pytest.raises(ValueError, match=r"seq_len.* 200 tokens exceed the model's max_position_embeddings"):
+        layer_sqnr(model, q, calib_tokens(1, 200), seq_len=256, progress=False)
+    assert not calls  # refused before any forward
+    assert math.isfinite(perplexity(model, text_file, tokenizer, seq_len=128, progress=False))  # 128 fits
+    assert math.isfinite(perplexity(model, calib_tokens(1, 40)[0], progress=False))  # a 40-token window fits
+
+
+def test_seq_len_beyond_rotary_context_only_warns(tokenizer, text_file):
+    model = make_model("llama")  # rotary: runs beyond max_position_embeddings=128
+    with pytest.warns(UserWarning, match=r"160 tokens are longer than the model's max_position_embeddings \(128\)"):
+        assert math.isfinite(perplexity(model, text_file, tokenizer, seq_len=160, progress=False))
+
+
+@pytest.mark.parametrize("kwargs,name", [(dict(max_windows=0), "max_windows"), (dict(max_windows=-1), "max_windows"),
+                                         (dict(stride=0), "stride"), (dict(stride=-8), "stride"),
+                                         (dict(seq_len=1), "seq_len"), (dict(seq_len=0), "seq_len"),
+                                         (dict(max_windows=1.5), "max_windows")])
+def test_perplexity_numeric_parameters_are_checked(kwargs, name):
+    with pytest.raises(ValueError, match=rf"{name} \(--{name.replace('_', '-')}\) must be an integer >="):
+        perplexity(make_model("llama"), torch.arange(40), progress=False, **kwargs)
+
+
+def test_other_numeric_parameters_are_checked(tokenizer):
+    fp = make_model("llama")
+    with pytest.raises(ValueError, match=r"max_samples \(--max-samples\) must be an integer >= 1, got 0"):
+        last_token_accuracy(fp, ["the cat sat"], tokenizer, max_samples=0, progress=False)
+    q = copy.deepcopy(fp)
+    sq.quantize_(q, sq.SmoothQuantConfig(progress=False, smooth=False))
+    for kwargs, name in ((dict(num_samples=0), "num_samples"), (dict(seq_len=-1), "seq_len")):
+        with pytest.raises(ValueError, match=rf"{name} \(--{name.replace('_', '-')}\) must be an integer >= 1"):
+            layer_sqnr(fp, q, calib_tokens(1, 8), progress=False, **kwargs)
+
+
+def test_layer_sqnr_rejects_a_reference_of_other_shapes():
+    q = make_model("llama")
+    sq.quantize_(q, sq.SmoothQuantConfig(progress=False, smooth=False))
+    other = make_model("mistral")  # the same module names, but 2 KV heads: k_proj / v_proj are 64 -> 32
+    calls = []
+    other.register_forward_pre_hook(lambda m, a, k: calls.append(1), with_kwargs=True)
+    with pytest.raises(ValueError, match=r"module 'model.layers.0.self_attn.k_proj' has in_features=64, "
+                                         r"out_features=32 in the reference .* but in_features=64, out_features=64 "
+                                         r"in the quantized model: the reference must be the floating-point model "
+                                         r"that was quantized"):
+        layer_sqnr(other, q, calib_tokens(1, 8), progress=False)
+    assert not calls
+
+
+def test_perplexity_of_texts_from_a_list_or_jsonl(tokenizer, tmp_path):
+    model = make_model("llama")
+    texts = [s.strip() + "." for s in TEXT.split(".")[:5] if s.strip()]
+    joined = tmp_path / "joined.txt"
+    joined.write_text("\n\n".join(texts), encoding="utf-8")
+    expected = perplexity(model, joined, tokenizer, seq_len=64, progress=False)
+    assert perplexity(model, texts, tokenizer, seq_len=64, progress=False) == expected
+    for name, payload in (("eval.jsonl", "\n".join(json.dumps({"text": t}) for t in texts)),
+                          ("eval.json", json.dumps([{"text": t} for t in texts]))):
+        path = tmp_path / name
+        path.write_text(payload, encoding="utf-8")
+        assert perplexity(model, path, tokenizer, seq_len=64, progress=False) == expected  # the texts, not JSON
+    with pytest.raises(ValueError, match="data: a list must hold texts"):
+        perplexity(model, [1.5, "x"], tokenizer, progress=False)
+    as_json = tmp_path / "texts.json"
+    as_json.write_text(json.dumps(texts))
+    acc = last_token_accuracy(model, as_json, tokenizer, progress=False)
+    assert acc == last_token_accuracy(model, texts, tokenizer, progress=False)
+
+
+def test_perplexity_progress_bar_ends_full(capsys):
+    model = make_model("llama")
+    # 40 tokens, windows of 16 every 8: starts 0, 8, 16, 24 (the last reaches the end); 32 is never evaluated
+    perplexity(model, calib_tokens(1, 40)[0], seq_len=16, stride=8, progress=True)
+    err = capsys.readouterr().err
+    assert "4/4" in err and "/5" not in err
+    perplexity(model, calib_tokens(1, 40)[0], seq_len=16, stride=8, max_windows=2, progress=True)
+    assert "2/2" in capsys.readouterr().err

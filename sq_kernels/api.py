@@ -13,12 +13,14 @@ when the kernels cannot run them), never skipped silently.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 from torch import nn
 
 from .calibration import ActStats, calibration_batches, collect_act_stats
-from .config import SmoothQuantConfig
+from .checkpoint import guard_hf_saving
+from .config import SmoothQuantConfig, _local_matches
 from .families import UnsupportedModelError, family_of
 from .nn.convert import build_modules, plan_conversion, swap_modules, warn_kept
 from .smooth import SmoothReport, smooth_
@@ -77,6 +79,23 @@ def _require_conversions(model: nn.Module, plan, what: str) -> None:
                      f"patterns and set_local rules")
 
 
+def _warn_unmatched_patterns(model: nn.Module, config: SmoothQuantConfig, plan) -> None:
+    """A pattern (or class name) of include / exclude / set_local that matches no candidate module is almost
+    always a typo, and its rule silently does nothing: say so."""
+    default = SmoothQuantConfig(progress=False)
+    seen = [(e.name, e.module) for e in plan.entries]
+    example = seen[0][0] if seen else None
+    for field, patterns, defaults in (("include", config.include, default.include),
+                                      ("exclude", config.exclude, default.exclude),
+                                      ("set_local", tuple(config.local), ())):
+        for pattern in patterns:
+            if pattern in defaults or any(_local_matches(pattern, name, module) for name, module in seen):
+                continue
+            warnings.warn(f"{field} pattern {pattern!r} matches no module of {type(model).__name__}, so its rule does "
+                          f"nothing (module names look like {example!r}; patterns are fnmatch on the full name, "
+                          f"or a class name)", UserWarning, stacklevel=3)
+
+
 def quantize_(model: nn.Module, config: SmoothQuantConfig | None = None,
               stats: ActStats | None = None) -> ConversionReport:
     """Replace the selected linears (and fused experts) of ``model`` by W8A8 modules, in place.
@@ -90,9 +109,16 @@ def quantize_(model: nn.Module, config: SmoothQuantConfig | None = None,
     Returns:
         ``ConversionReport``. On an error nothing was converted (the model is unchanged).
     """
+    return _quantize(model, config, stats, warn_patterns=True)
+
+
+def _quantize(model: nn.Module, config: SmoothQuantConfig | None, stats: ActStats | None,
+              warn_patterns: bool) -> ConversionReport:
     config = (config or SmoothQuantConfig()).validate()
     spec = _family_or_none(model, config)
     plan = plan_conversion(model, config, stats, spec)
+    if warn_patterns:
+        _warn_unmatched_patterns(model, config, plan)
     _require_conversions(model, plan, "quantize_")
     warn_kept(plan)
     try:
@@ -110,6 +136,7 @@ def quantize_(model: nn.Module, config: SmoothQuantConfig | None = None,
                                  "kept": dict(report.kept), "smoothing": smoothing}
     except AttributeError:
         pass
+    guard_hf_saving(model)  # save_pretrained would write int8 weights that from_pretrained reads as floats
     return report
 
 
@@ -137,8 +164,9 @@ def smoothquant(model: nn.Module, data=None, config: SmoothQuantConfig | None = 
             raise ValueError(f"{spec.name}: cannot smooth this model: {reason}")
     # What would be converted is known before any calibration: a pattern that matches nothing fails now,
     # not after a calibration pass over a large model.
-    _require_conversions(model, plan_conversion(model, config, _EveryStat(), _family_or_none(model, config)),
-                         "smoothquant")
+    dry = plan_conversion(model, config, _EveryStat(), _family_or_none(model, config))
+    _warn_unmatched_patterns(model, config, dry)
+    _require_conversions(model, dry, "smoothquant")
     needs_data = stats is None or (config.smooth and config.alpha == "auto")
     if data is None and needs_data:
         raise ValueError("smoothquant: data is required (calibration data: token tensors, strings with tokenizer=, "
@@ -154,7 +182,7 @@ def smoothquant(model: nn.Module, data=None, config: SmoothQuantConfig | None = 
         smoothing = smooth_(model, stats, config, data=batches)
         quant_stats = smoothing.stats
     try:
-        report = quantize_(model, config, quant_stats)
+        report = _quantize(model, config, quant_stats, warn_patterns=False)  # warned above, before calibrating
     except Exception as exc:
         if smoothing is None:
             raise

@@ -365,7 +365,7 @@ def load_quantized(path, device=None, verify: bool = True):
     non_persistent = set(meta.get("non_persistent_buffers", []))
     aliases = dict(meta.get("tied", {}))
     try:
-        with safe_open(str(weights), framework="pt", device=str(device)) as f:
+        with safe_open(str(weights), framework="pt", device="cpu" if device.type == "cpu" else str(device)) as f:
             file_meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except SafetensorError as exc:  # a damaged header or truncated data; anything else is not the file's fault
@@ -417,7 +417,30 @@ def load_quantized(path, device=None, verify: bool = True):
         from transformers import GenerationConfig
         model.generation_config = GenerationConfig.from_pretrained(str(path), local_files_only=True)
     model.sq_quantization = meta.get("quantization")
+    guard_hf_saving(model)
     return model.eval()
+
+
+class _HFSaveGuard:
+    """Stands in for ``save_pretrained`` / ``push_to_hub`` on a model that holds W8A8 modules: transformers
+    would write the int8 weights without their scales, and ``from_pretrained`` would then load them as
+    floating-point weights (a model that runs and is silently wrong)."""
+
+    def __init__(self, method: str):
+        self.method = method
+
+    def __call__(self, *args, **kwargs):
+        raise RuntimeError(f"{self.method}() cannot save a model with W8A8 modules: transformers would write the "
+                           f"int8 weights without their scales, and from_pretrained would load them as floating-"
+                           f"point weights. Use sq_kernels.save_quantized(model, directory) and "
+                           f"sq_kernels.load_quantized(directory) instead.")
+
+
+def guard_hf_saving(model: nn.Module) -> None:
+    """Make ``model.save_pretrained`` / ``push_to_hub`` raise (see ``_HFSaveGuard``); no-op for other models."""
+    for method in ("save_pretrained", "push_to_hub"):
+        if callable(getattr(model, method, None)):
+            object.__setattr__(model, method, _HFSaveGuard(method))
 
 
 def is_quantized_checkpoint(path) -> bool:

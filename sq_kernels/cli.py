@@ -46,10 +46,18 @@ def _check_device(device: str) -> None:
         raise ValueError(f"--device must be cpu, cuda or cuda:N, got {device!r}")
 
 
-def _check_writable_file(path: str | None, flag: str) -> None:
-    """An output file's directory exists, checked before hours of work rather than after."""
-    if path is not None and not Path(path).resolve().parent.is_dir():
-        raise ValueError(f"{flag} {path}: the directory {Path(path).resolve().parent} does not exist")
+def _check_writable_file(path: str | None, flag: str, overwrite: bool = False) -> None:
+    """An output file: its directory exists and it is not an existing file (unless --overwrite), checked
+    before hours of work rather than after, and so that a mistyped flag cannot replace the user's data."""
+    if path is None:
+        return
+    target = Path(path).resolve()
+    if not target.parent.is_dir():
+        raise ValueError(f"{flag} {path}: the directory {target.parent} does not exist")
+    if target.is_dir():
+        raise ValueError(f"{flag} {path} is a directory; give a file name")
+    if target.exists() and not overwrite:
+        raise ValueError(f"{flag} {path} already exists; choose a new name or pass --overwrite to replace it")
 
 
 def _load_model(path: str, device: str, dtype: str):
@@ -116,8 +124,14 @@ def _check_quantize_args(args, config) -> None:
                          "checkpoint must go to a directory of its own, so that the original model stays as it was")
     if out.is_file():
         raise ValueError(f"the output {args.out} is a file; give a directory")
-    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
-        raise ValueError(f"the output directory {args.out} is not empty; choose a new directory or pass --overwrite")
+    if out.is_dir() and any(out.iterdir()):
+        if not args.overwrite:
+            raise ValueError(f"the output directory {args.out} is not empty; choose a new directory or pass --overwrite")
+        weights = sorted(p.name for p in out.iterdir() if p.name.startswith(("model.safetensors", "pytorch_model"))
+                         or p.name in ("model.safetensors.index.json", "tf_model.h5", "flax_model.msgpack"))
+        if weights:  # from_pretrained (and vLLM) would still find these beside the quantized checkpoint
+            raise ValueError(f"the output directory {args.out} holds a model's weights ({', '.join(weights[:3])}); "
+                             "--overwrite only replaces an earlier quantized checkpoint: choose another directory")
     if args.data is None and args.stats is None:
         raise ValueError("--data is required (calibration text: a local .txt or .jsonl file), unless --stats gives "
                          "statistics collected before")
@@ -128,13 +142,13 @@ def _check_quantize_args(args, config) -> None:
         raise ValueError("--alpha auto evaluates each candidate alpha on calibration data: pass --data as well")
     if args.stats and not Path(args.stats).is_file():
         raise ValueError(f"--stats {args.stats}: no such file")
-    _check_writable_file(args.save_stats, "--save-stats")
+    _check_writable_file(args.save_stats, "--save-stats", args.overwrite)
 
 
 def cmd_calibrate(args) -> int:
     from .calibration import collect_act_stats
     _check_device(args.device)
-    _check_writable_file(args.out, "--out")
+    _check_writable_file(args.out, "--out", args.overwrite)
     model = _load_model(args.model, args.device, args.dtype)
     tokenizer = _load_tokenizer(args.tokenizer or args.model, required=_is_text_file(args.data))
     stats = collect_act_stats(model, args.data, tokenizer, num_samples=args.num_samples, seq_len=args.seq_len,
@@ -165,8 +179,11 @@ def cmd_quantize(args) -> int:
     save_quantized(model, args.out)
     if tokenizer is not None:
         tokenizer.save_pretrained(args.out)
+    smoothing_file = Path(args.out) / "sq_smoothing_report.json"
     if report.smoothing is not None:
-        report.smoothing.save(Path(args.out) / "sq_smoothing_report.json")
+        report.smoothing.save(smoothing_file)
+    elif smoothing_file.is_file():  # left by an earlier run into this directory (--overwrite): it no longer applies
+        smoothing_file.unlink()
     print(report)
     print(f"saved the quantized model to {args.out}")
     return 0
@@ -183,7 +200,7 @@ def cmd_eval(args) -> int:
                         ("--stride", args.stride), ("--seq-len", args.seq_len)):
         if value is not None and value < 1:
             raise ValueError(f"{flag} must be a positive integer, got {value}")
-    _check_writable_file(args.json, "--json")
+    _check_writable_file(args.json, "--json", args.overwrite)
     _check_device(args.device)
     model = _load_model(args.model, args.device, args.dtype)
     tokenizer = _load_tokenizer(args.tokenizer or args.model, required=True)
@@ -227,10 +244,16 @@ def cmd_info(args) -> int:
           f"v{meta['format_version']}, written by sq_kernels {meta.get('sq_kernels_version')}")
     for key, n in schemes.items():
         print(f"  {n} x {key}")
-    quant = meta.get("quantization") or {}
-    alphas = ((quant.get("smoothing") or {}).get("alphas")) or {}
-    if alphas:
-        print("  alpha per layer: " + ", ".join(f"{k}={v:g}" for k, v in alphas.items()))
+    quant = meta.get("quantization")
+    smoothing = quant.get("smoothing") if isinstance(quant, dict) else None
+    alphas = smoothing.get("alphas") if isinstance(smoothing, dict) else None
+    if isinstance(alphas, dict) and alphas:
+        print("  alpha per layer: " + ", ".join(f"{k}={v:g}" if isinstance(v, (int, float)) else f"{k}={v}"
+                                                for k, v in alphas.items()))
+    if args.verify:
+        from .checkpoint import load_quantized
+        load_quantized(args.checkpoint)  # hashes, shapes, scales: raises CheckpointError naming what is wrong
+        print("  verified: the weights load and match the table, config and hashes")
     return 0
 
 
@@ -307,7 +330,7 @@ def cmd_bench(args) -> int:
 
     from .api import smoothquant
     _check_device(args.device)
-    _check_writable_file(args.json, "--json")
+    _check_writable_file(args.json, "--json", args.overwrite)
     for flag, value in (("--layers", args.layers), ("--batch", args.batch), ("--prompt", args.prompt),
                         ("--iters", args.iters)):
         if value < 1:
@@ -399,13 +422,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="local Hugging Face model directory")
     common(p, True)
     p.add_argument("--out", required=True, help="statistics file to write (.safetensors)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     runtime(p)
     p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("quantize", help="calibrate, smooth and quantize a model; save the W8A8 checkpoint")
     p.add_argument("model", help="local Hugging Face model directory")
     p.add_argument("out", help="output directory (new or empty; never the model's own)")
-    p.add_argument("--overwrite", action="store_true", help="write into a non-empty output directory")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace existing outputs: an earlier quantized checkpoint in OUT, the --save-stats file")
     common(p, False)
     p.add_argument("--alpha", help="migration strength in [0, 1], or 'auto' (default: the family's)")
     p.add_argument("--scheme", default="W8A8", choices=("W8A8", "O1", "O2", "O3"),
@@ -437,6 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-windows", type=int, help="evaluate at most this many perplexity windows")
     p.add_argument("--max-samples", type=int, help="evaluate at most this many --lambada lines")
     p.add_argument("--json", help="also write the results to this JSON file")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     runtime(p)
     p.set_defaults(func=cmd_eval)
 
@@ -453,6 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight", choices=("per_channel", "per_tensor"), help="as for quantize")
     p.add_argument("--activation", choices=("per_token", "per_tensor", "static"), help="as for quantize")
     p.add_argument("--json", help="also write the results to this JSON file")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     runtime(p)
     p.set_defaults(func=cmd_bench, include=[], exclude=["lm_head"], fp=[], no_smooth=False, fold_linear_pairs=False,
                    num_samples=4, seq_len=128, batch_size=1)
@@ -460,18 +487,27 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="describe a quantized checkpoint")
     p.add_argument("checkpoint", help="a directory written by sq-kernels quantize (or save_quantized)")
     p.add_argument("--json", action="store_true", help="print only the whole quantization config, as JSON")
+    p.add_argument("--verify", action="store_true",
+                   help="also load the weights on the CPU and check them against the table and hashes")
     p.set_defaults(func=cmd_info)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    import warnings
     parser = build_parser()
     args = parser.parse_args(argv)
+    formatwarning = warnings.formatwarning
+    # warnings are messages to the user here (too little data, a pattern that matches nothing), not to a
+    # developer: one line each, without the source location
+    warnings.formatwarning = lambda message, category, *a, **k: f"sq-kernels {args.command}: warning: {message}\n"
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, OSError) as exc:
         print(f"sq-kernels {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        warnings.formatwarning = formatwarning
 
 
 if __name__ == "__main__":

@@ -244,3 +244,30 @@ def test_smoothquant_from_statistics_reads_no_data_and_checks_patterns_before_ca
     fresh = make_model("llama")
     with pytest.raises(ValueError, match="no module would be converted.*include / exclude"):
         sq.smoothquant(fresh, ids, sq.SmoothQuantConfig(include=("nomatch*",), progress=False))
+
+
+def test_save_pretrained_of_a_quantized_model_is_refused(tmp_path):
+    """transformers would write the int8 weights without their scales and from_pretrained would load them as
+    floats: a model that runs and is silently wrong. save_quantized is the way."""
+    model = make_model("llama")
+    sq.smoothquant(model, calib_tokens(), _cfg())
+    for method in (model.save_pretrained, model.push_to_hub):
+        with pytest.raises(RuntimeError, match="cannot save a model with W8A8 modules.*save_quantized"):
+            method(tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+    copy.deepcopy(model)  # the guard does not get in the way of copies
+    sq.save_quantized(model, tmp_path / "q")
+    loaded = sq.load_quantized(tmp_path / "q", device="cpu:0")
+    with pytest.raises(RuntimeError, match="save_quantized"):
+        loaded.save_pretrained(tmp_path / "hf2")
+    make_model("llama").save_pretrained(tmp_path / "fp")  # floating-point models are untouched
+
+
+def test_a_pattern_that_matches_nothing_is_reported():
+    model = make_model("llama")
+    with pytest.warns(UserWarning, match="exclude pattern 'model.layer.0.\\*' matches no module"):
+        sq.smoothquant(model, calib_tokens(), _cfg(exclude=("lm_head", "model.layer.0.*")))
+    cfg = _cfg(smooth=False)
+    cfg.set_local("Conv1D", "fp")
+    with pytest.warns(UserWarning, match="set_local pattern 'Conv1D' matches no module"):
+        sq.quantize_(make_model("llama"), cfg)

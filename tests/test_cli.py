@@ -198,3 +198,58 @@ def test_info_json_is_only_json_and_bench_on_cpu_says_what_it_measures(model_dir
                  "--device", "cpu", "--dtype", "float32", "--no-progress"]) == 0
     printed = capsys.readouterr().out
     assert "say nothing about the CUDA kernels" in printed and "KiB" in printed
+
+
+def test_output_files_are_never_replaced_without_overwrite(model_dir, data_files, tmp_path, capsys):
+    txt, _ = data_files
+    original = txt.read_text()
+    args = ["--data", str(txt), "--num-samples", "2", "--seq-len", "32", "--no-progress"]
+    assert main(["calibrate", str(model_dir), *args, "--out", str(txt)]) == 2  # a mistyped --out: the data file
+    assert "already exists" in capsys.readouterr().err and txt.read_text() == original
+    stats = tmp_path / "s.safetensors"
+    assert main(["calibrate", str(model_dir), *args, "--out", str(stats)]) == 0
+    assert main(["calibrate", str(model_dir), *args, "--out", str(stats), "--overwrite"]) == 0
+
+    # --overwrite replaces an earlier quantized checkpoint, never a directory holding a model's weights
+    out = tmp_path / "q"
+    assert main(["quantize", str(model_dir), str(out), *args, "--alpha", "0.5"]) == 0
+    assert (out / "sq_smoothing_report.json").is_file()
+    assert main(["quantize", str(model_dir), str(out), *args, "--no-smooth", "--overwrite"]) == 0
+    assert not (out / "sq_smoothing_report.json").exists(), "a stale smoothing report was left beside the new model"
+    capsys.readouterr()
+    fp_copy = tmp_path / "fp-copy"
+    make_model("llama").save_pretrained(fp_copy)
+    assert main(["quantize", str(model_dir), str(fp_copy), *args, "--overwrite"]) == 2
+    assert "holds a model's weights" in capsys.readouterr().err
+
+
+def test_warnings_are_one_line_messages(model_dir, data_files, tmp_path):
+    # a real process: pytest records warnings itself, and the point is what a user's terminal shows
+    from pathlib import Path
+    txt, _ = data_files
+    proc = subprocess.run([sys.executable, "-m", "sq_kernels.cli", "quantize", str(model_dir), str(tmp_path / "q"),
+                           "--data", str(txt), "--num-samples", "2", "--seq-len", "32", "--exclude", "model.layer.0.*",
+                           "--no-progress"], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr
+    line = next(x for x in proc.stderr.splitlines() if "matches no module" in x)
+    assert line.startswith("sq-kernels quantize: warning: exclude pattern 'model.layer.0.*'")
+    assert ".py:" not in proc.stderr, proc.stderr
+
+
+def test_info_verify_catches_a_damaged_checkpoint(model_dir, data_files, tmp_path, capsys):
+    txt, _ = data_files
+    out = tmp_path / "q"
+    assert main(["quantize", str(model_dir), str(out), "--data", str(txt), "--num-samples", "2", "--seq-len", "32",
+                 "--no-progress"]) == 0
+    assert main(["info", str(out), "--verify"]) == 0 and "verified" in capsys.readouterr().out
+    meta = json.loads((out / "sq_quantization.json").read_text())
+    meta["quantization"] = "edited by hand"  # descriptive field only: info must still describe the checkpoint
+    (out / "sq_quantization.json").write_text(json.dumps(meta))
+    assert main(["info", str(out)]) == 0
+    weights = out / "sq_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    capsys.readouterr()
+    assert main(["info", str(out)]) == 0  # without --verify only the table is read
+    assert main(["info", str(out), "--verify"]) == 2
+    assert "sq_model.safetensors" in capsys.readouterr().err

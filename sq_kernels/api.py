@@ -68,6 +68,11 @@ class _EveryStat:
 def _require_conversions(model: nn.Module, plan, what: str) -> None:
     if plan.converted:
         return
+    conv1d = sum(type(m).__name__ == "Conv1D" for m in model.modules())
+    if conv1d:  # GPT-2 style: transformers' Conv1D is a transposed linear, not an nn.Linear
+        raise ValueError(f"{what}: {type(model).__name__} keeps its projections in {conv1d} transformers Conv1D "
+                         f"modules (GPT-2 style), not nn.Linear: sq_kernels converts nn.Linear (and fused MoE "
+                         f"experts) only, so nothing would be converted")
     if not plan.kept:
         raise ValueError(f"{what}: {type(model).__name__} has no nn.Linear (or fused MoE experts) module to convert")
     reasons: dict[str, list[str]] = {}

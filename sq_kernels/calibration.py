@@ -230,27 +230,36 @@ def _record_text(record, field: str):
     return None
 
 
+def read_text_file(path) -> str:
+    """A local text file's content; a file that is not UTF-8 text is a ValueError naming it."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path} is not UTF-8 text (byte {exc.start} cannot be decoded): give a UTF-8 .txt, "
+                         f".jsonl or .json file") from None
+
+
 def _read_jsonl(path: Path, field: str = "text") -> list[str]:
     texts = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({exc.msg}); a .jsonl file holds one string or "
-                                 f"object with a string field {field!r} per line") from None
-            text = _record_text(record, field)
-            if text is None:
-                raise ValueError(f"{path}:{lineno}: expected a string or an object with a string field {field!r}")
-            texts.append(text)
+    # split on "\n" only, as iterating over the file would: a JSON string may hold U+2028 and similar
+    for lineno, line in enumerate(read_text_file(path).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}:{lineno}: not valid JSON ({exc.msg}); a .jsonl file holds one string or "
+                             f"object with a string field {field!r} per line") from None
+        text = _record_text(record, field)
+        if text is None:
+            raise ValueError(f"{path}:{lineno}: expected a string or an object with a string field {field!r}")
+        texts.append(text)
     return texts
 
 
 def _read_json(path: Path, field: str = "text") -> list[str]:
     """A ``.json`` file: a JSON array of strings / ``{field: str}`` objects; JSON Lines content is read as such."""
-    raw = path.read_text(encoding="utf-8")
+    raw = read_text_file(path)
     accepted = (f"a .json file must hold a JSON array of strings or of objects with a string field {field!r} "
                 f"(or JSON Lines: one such value per line)")
     try:
@@ -354,7 +363,7 @@ def calibration_samples(data, tokenizer=None, num_samples: int = 128, seq_len: i
         if is_json_file(path):
             data, per_text = read_texts(path), True
         else:
-            samples = _chunks(_encode(tokenizer, path.read_text(encoding="utf-8")), seq_len, num_samples)
+            samples = _chunks(_encode(tokenizer, read_text_file(path)), seq_len, num_samples)
             if not samples:
                 raise ValueError(f"data: {str(path)!r} holds no tokens")
             _warn_little_data(samples, num_samples, seq_len, source)

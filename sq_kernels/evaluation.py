@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .calibration import (_encode, calibration_batches, check_positions, check_positive_int, check_token_ids,
-                          is_json_file, model_device, read_texts)
+                          is_json_file, model_device, read_text_file, read_texts)
 
 
 def sqnr(ref: torch.Tensor, test: torch.Tensor) -> float:
@@ -65,7 +65,7 @@ def _token_stream(data, tokenizer) -> torch.Tensor:
         if not texts:
             raise ValueError(f"data: {str(path)!r} holds no texts")
         return _encode(tokenizer, DOCUMENT_SEPARATOR.join(texts))
-    return _encode(tokenizer, path.read_text(encoding="utf-8"))
+    return _encode(tokenizer, read_text_file(path))
 
 
 def _windows(n_tokens: int, seq_len: int, stride: int) -> list[tuple[int, int]]:

@@ -271,3 +271,10 @@ def test_a_pattern_that_matches_nothing_is_reported():
     cfg.set_local("Conv1D", "fp")
     with pytest.warns(UserWarning, match="set_local pattern 'Conv1D' matches no module"):
         sq.quantize_(make_model("llama"), cfg)
+
+
+def test_gpt2_conv1d_layers_are_named_as_the_reason_nothing_converts():
+    from transformers import GPT2Config, GPT2LMHeadModel
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=1, n_head=4, vocab_size=128))
+    with pytest.raises(ValueError, match="Conv1D modules .*not nn.Linear"):
+        sq.smoothquant(gpt2, calib_tokens(), _cfg(smooth=False))

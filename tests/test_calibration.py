@@ -299,3 +299,12 @@ def test_long_text_file_tokenizes_without_transformers_length_warning(text_file)
         logger.removeHandler(handler)
     assert torch.cat(samples).tolist() == expected[:256]  # the same token ids
     assert not [r for r in records if "longer than the specified maximum" in r.getMessage()]
+
+
+@pytest.mark.parametrize("suffix", [".txt", ".jsonl", ".json"])
+def test_a_file_that_is_not_utf8_is_named(tmp_path, suffix):
+    from sq_kernels.calibration import calibration_samples
+    bad = tmp_path / f"latin1{suffix}"
+    bad.write_bytes("caf\u00e9 au lait".encode("latin-1"))
+    with pytest.raises(ValueError, match=f"latin1\\{suffix} is not UTF-8 text"):
+        calibration_samples(str(bad), lambda s: list(s.encode()), 2, 8)

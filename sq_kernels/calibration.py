@@ -296,11 +296,8 @@ def is_json_file(path) -> bool:
 
 def _unpadded_rows(encoding: Mapping, what: str) -> list[torch.Tensor]:
     """The token rows of a tokenizer output ``{"input_ids": ..., "attention_mask": ...}``, padding removed."""
-    ids = encoding["input_ids"]
-    if isinstance(ids, torch.Tensor) and ids.is_floating_point():
-        raise ValueError(f"{what}['input_ids']: token ids must be integers, got {ids.dtype}")
     try:
-        ids = torch.as_tensor(ids)
+        ids = torch.as_tensor(encoding["input_ids"])
     except (TypeError, ValueError, RuntimeError):
         raise ValueError(f"{what}['input_ids']: expected token ids (a tensor or a list of ints), or rows of equal "
                          f"length (tokenize with padding=True, or pass a list of encodings)") from None
@@ -368,16 +365,14 @@ def calibration_samples(data, tokenizer=None, num_samples: int = 128, seq_len: i
                 raise ValueError(f"data: {str(path)!r} holds no tokens")
             _warn_little_data(samples, num_samples, seq_len, source)
             return samples
-    if isinstance(data, Mapping) or (hasattr(data, "keys") and hasattr(data, "__getitem__")
-                                     and not isinstance(data, torch.Tensor)):
+    if isinstance(data, Mapping):  # a tokenizer's output (BatchEncoding is a Mapping)
         if "input_ids" not in data:
             raise ValueError(f"data: a dict (tokenizer output) must hold 'input_ids', got keys {list(data.keys())}")
         data = _unpadded_rows(data, "data")
         if len(data) == 1:  # one tokenized text: a stream, cut into seq_len chunks like a .txt file
             data, source = data[0], "(one tokenized text)"
     if isinstance(data, torch.Tensor):
-        if data.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.bool) \
-                or data.is_floating_point() or data.is_complex():
+        if data.is_floating_point() or data.is_complex() or data.dtype == torch.bool:
             raise ValueError(f"data: token ids must be an integer tensor, got {data.dtype}")
         if data.dim() == 1:
             samples = _chunks(data.long(), seq_len, num_samples)
@@ -393,7 +388,7 @@ def calibration_samples(data, tokenizer=None, num_samples: int = 128, seq_len: i
                 break
             if isinstance(item, str):
                 rows = [_encode(tokenizer, item)]
-            elif isinstance(item, Mapping) or (hasattr(item, "keys") and not isinstance(item, torch.Tensor)):
+            elif isinstance(item, Mapping):
                 if "input_ids" not in item:
                     raise ValueError(f"data[{i}]: a dict (tokenizer output) must hold 'input_ids', got keys "
                                      f"{list(item.keys())}")

@@ -260,36 +260,36 @@ def _check_weights_file(name: str, qfile: Path) -> None:
                               f"directory (such as {WEIGHTS_FILE!r}), got {name!r}")
 
 
-def _check_device(device) -> torch.device:
-    """``device`` (None: CPU) as a ``torch.device`` that exists here, or a ValueError naming ``device``."""
+def check_device(device, what: str = "device") -> torch.device:
+    """``device`` (None: CPU) as a ``torch.device`` that exists here, or a ValueError naming ``what`` (the
+    argument: ``device``, or the CLI's ``--device``)."""
+    expected = "'cpu', 'cuda' or 'cuda:N' (or another available torch device type, a torch.device, a GPU index)"
     if device is None:
         return torch.device("cpu")
     if isinstance(device, bool) or not isinstance(device, (str, int, torch.device)):
-        raise ValueError(f"device must be a str such as 'cpu', 'cuda' or 'cuda:1', a torch.device or a GPU index, "
-                         f"got {type(device).__name__} {device!r}")
+        raise ValueError(f"{what} must be {expected}, got {type(device).__name__} {device!r}")
     if isinstance(device, int):  # a GPU index, as torch.device(0) reads it
         if device < 0:
-            raise ValueError(f"device must be a non-negative GPU index, got {device}")
+            raise ValueError(f"{what} must be a non-negative GPU index, got {device}")
         device = f"cuda:{device}"
     try:
         dev = torch.device(device)
-    except (RuntimeError, ValueError) as exc:
-        raise ValueError(f"device {device!r} is not a device: expected 'cpu', 'cuda', 'cuda:N' (or another torch "
-                         f"device type such as 'mps' / 'xpu'), a torch.device or a GPU index ({exc})") from None
+    except (RuntimeError, ValueError):
+        raise ValueError(f"{what} must be {expected}, got {device!r}") from None
     if dev.type == "meta":
-        raise ValueError("device 'meta' holds no data: load to 'cpu' or 'cuda'")
+        raise ValueError(f"{what} 'meta' holds no data: use 'cpu' or 'cuda'")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             why = ("torch was built without CUDA" if torch.version.cuda is None and torch.version.hip is None
                    else "no GPU is visible (torch.cuda.is_available() is False)")
-            raise ValueError(f"device {str(device)!r} is not available: {why}. Load with device='cpu'.")
+            raise ValueError(f"{what} {str(device)!r} is not available: {why}; use {what} 'cpu'")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"device {str(device)!r} is not available: {torch.cuda.device_count()} GPU(s) visible")
+            raise ValueError(f"{what} {str(device)!r} is not available: {torch.cuda.device_count()} GPU(s) visible")
     elif dev.type != "cpu":
         backend = getattr(torch, dev.type, None)
         is_available = getattr(backend, "is_available", None)
         if callable(is_available) and not is_available():
-            raise ValueError(f"device {str(device)!r} is not available: torch.{dev.type}.is_available() is False")
+            raise ValueError(f"{what} {str(device)!r} is not available: torch.{dev.type}.is_available() is False")
     return dev
 
 
@@ -348,7 +348,7 @@ def load_quantized(path, device=None, verify: bool = True):
     """
     from safetensors import SafetensorError, safe_open
     path = Path(path)
-    device = _check_device(device)
+    device = check_device(device)
     meta = read_quantization_config(path)
     if not (path / "config.json").is_file():
         raise CheckpointError(f"{path}: config.json is missing")

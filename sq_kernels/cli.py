@@ -31,19 +31,8 @@ def _dtype(name: str):
 
 def _check_device(device: str) -> None:
     """--device names a device this machine has (before anything is loaded)."""
-    import torch
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise ValueError(f"--device must be cpu, cuda or cuda:N, got {device!r}") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            why = "torch was built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
-            raise ValueError(f"--device {device}: CUDA is not available here ({why}); use --device cpu")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) are visible")
-    elif dev.type != "cpu":
-        raise ValueError(f"--device must be cpu, cuda or cuda:N, got {device!r}")
+    from .checkpoint import check_device
+    check_device(device, "--device")
 
 
 def _check_writable_file(path: str | None, flag: str, overwrite: bool = False) -> None:
@@ -191,15 +180,15 @@ def cmd_quantize(args) -> int:
 
 def cmd_eval(args) -> int:
     from . import evaluation as ev
+    from .calibration import check_positive_int
     if not (args.ppl or args.lambada or args.sqnr_data):
         raise ValueError("nothing to evaluate: pass --ppl FILE, --lambada FILE, or --reference DIR with "
                          "--sqnr-data FILE")
     if args.sqnr_data and not args.reference:
         raise ValueError("--sqnr-data compares each layer with the floating-point model: pass it as --reference DIR")
-    for flag, value in (("--max-windows", args.max_windows), ("--max-samples", args.max_samples),
-                        ("--stride", args.stride), ("--seq-len", args.seq_len)):
-        if value is not None and value < 1:
-            raise ValueError(f"{flag} must be a positive integer, got {value}")
+    for name in ("max_windows", "max_samples", "stride", "seq_len"):
+        if getattr(args, name) is not None:
+            check_positive_int(name, getattr(args, name))
     _check_writable_file(args.json, "--json", args.overwrite)
     _check_device(args.device)
     model = _load_model(args.model, args.device, args.dtype)
@@ -329,14 +318,12 @@ def cmd_bench(args) -> int:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from .api import smoothquant
+    from .calibration import check_positive_int
     _check_device(args.device)
     _check_writable_file(args.json, "--json", args.overwrite)
-    for flag, value in (("--layers", args.layers), ("--batch", args.batch), ("--prompt", args.prompt),
-                        ("--iters", args.iters)):
-        if value < 1:
-            raise ValueError(f"{flag} must be a positive integer, got {value}")
-    if args.warmup < 0:
-        raise ValueError(f"--warmup must be 0 or more, got {args.warmup}")
+    for name in ("layers", "batch", "prompt", "iters"):
+        check_positive_int(name, getattr(args, name))
+    check_positive_int("warmup", args.warmup, minimum=0)
     device, dtype = torch.device(args.device), _dtype(args.dtype) or torch.float16
     if device.type == "cpu":
         print("note: on the CPU both models run PyTorch code (the W8A8 one through the reference ops, which "

@@ -142,7 +142,7 @@ def test_bad_arguments_are_refused_before_any_model_is_loaded(model_dir, data_fi
     monkeypatch.setattr(cli, "_load_model", no_load)
     out = str(tmp_path / "o")
     cases = [
-        (["quantize", str(model_dir), out, "--data", str(txt), "--device", "tpu9"], "--device must be cpu, cuda"),
+        (["quantize", str(model_dir), out, "--data", str(txt), "--device", "tpu9"], "--device must be 'cpu', 'cuda'"),
         (["quantize", str(model_dir), out], "--data is required"),
         (["quantize", str(model_dir), out, "--stats", str(tmp_path / "s.safetensors"), "--save-stats",
           str(tmp_path / "t.safetensors")], "--save-stats writes the statistics of this run"),
@@ -150,13 +150,13 @@ def test_bad_arguments_are_refused_before_any_model_is_loaded(model_dir, data_fi
         (["quantize", str(model_dir), out, "--data", str(txt), "--save-stats", str(tmp_path / "no" / "s.st")],
          "does not exist"),
         (["eval", str(model_dir), "--ppl", str(txt), "--sqnr-data", str(txt)], "pass it as --reference"),
-        (["eval", str(model_dir), "--ppl", str(txt), "--max-windows", "0"], "--max-windows must be a positive"),
+        (["eval", str(model_dir), "--ppl", str(txt), "--max-windows", "0"], "max_windows (--max-windows) must be an integer >= 1"),
         (["eval", str(model_dir), "--ppl", str(txt), "--json", str(tmp_path / "no" / "r.json")], "does not exist"),
         (["calibrate", str(model_dir), "--data", str(txt), "--out", str(tmp_path / "no" / "s.st")], "does not exist"),
-        (["bench", "--arch", "tiny-llama", "--layers", "0"], "--layers must be a positive"),
+        (["bench", "--arch", "tiny-llama", "--layers", "0"], "layers (--layers) must be an integer >= 1"),
     ]
     if not torch.cuda.is_available():
-        cases.append((["eval", str(model_dir), "--ppl", str(txt), "--device", "cuda"], "CUDA is not available here"))
+        cases.append((["eval", str(model_dir), "--ppl", str(txt), "--device", "cuda"], "--device 'cuda' is not available"))
     for argv, message in cases:
         assert main(argv) == 2, argv
         err = capsys.readouterr().err

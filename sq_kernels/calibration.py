@@ -252,9 +252,19 @@ def _read_jsonl(path: Path, field: str = "text") -> list[str]:
                              f"object with a string field {field!r} per line") from None
         text = _record_text(record, field)
         if text is None:
-            raise ValueError(f"{path}:{lineno}: expected a string or an object with a string field {field!r}")
+            raise ValueError(f"{path}:{lineno}: expected a string or an object with a string field {field!r}"
+                             f"{_field_hint(record, field)}")
         texts.append(text)
     return texts
+
+
+def _field_hint(record, field: str) -> str:
+    """What an object without a string ``field`` holds instead, and how to choose another field."""
+    if not isinstance(record, dict):
+        return f", got a JSON {type(record).__name__}"
+    strings = [k for k, v in record.items() if isinstance(v, str)]
+    held = f"its string fields are {strings}" if strings else f"it has no string field (keys: {list(record)[:8]})"
+    return f"; {held}: choose the field with read_texts(path, field=...) or the CLI's --text-field"
 
 
 def _read_json(path: Path, field: str = "text") -> list[str]:
@@ -274,20 +284,30 @@ def _read_json(path: Path, field: str = "text") -> list[str]:
             text = _record_text(record, field)
             if text is None:
                 raise ValueError(f"{path}: element [{i}] is a {type(record).__name__}, not a string or an object "
-                                 f"with a string field {field!r}; {accepted}")
+                                 f"with a string field {field!r}; "
+                                 + (_field_hint(record, field).removeprefix("; ") if isinstance(record, dict)
+                                    else accepted))
             texts.append(text)
         return texts
     text = _record_text(document, field)
     if text is not None:  # one record: one text
         return [text]
-    raise ValueError(f"{path}: holds a JSON {type(document).__name__}; {accepted}")
+    hint = _field_hint(document, field) if isinstance(document, dict) else ""
+    raise ValueError(f"{path}: holds a JSON {type(document).__name__}; {accepted}{hint}")
 
 
-def read_texts(path) -> list[str]:
-    """The texts of a local ``.jsonl`` (one per line) or ``.json`` (an array) file: strings or the string
-    field ``"text"`` of objects."""
+def read_texts(path, field: str = "text") -> list[str]:
+    """The texts of a local ``.jsonl`` (one per line) or ``.json`` (an array) file: strings, or the string
+    field ``field`` (default ``"text"``) of objects. The list can be passed as ``data`` anywhere a file can,
+    e.g. ``collect_act_stats(model, read_texts("pile.jsonl", field="content"), tokenizer)``."""
+    if not isinstance(field, str) or not field:
+        raise ValueError(f"field must be a non-empty string (the JSON key holding each text), got {field!r}")
     path = Path(path)
-    return _read_json(path) if path.suffix.lower() == ".json" else _read_jsonl(path)
+    if not is_json_file(path):
+        raise ValueError(f"{str(path)!r}: read_texts reads .jsonl / .json files; a text file is read as it is")
+    if not path.is_file():
+        raise ValueError(f"{str(path)!r} is not a file")
+    return _read_json(path, field) if path.suffix.lower() == ".json" else _read_jsonl(path, field)
 
 
 def is_json_file(path) -> bool:

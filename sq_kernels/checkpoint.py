@@ -29,6 +29,7 @@ from torch import nn
 
 from .config import ACTIVATION_SCHEMES, WEIGHT_GRANULARITIES
 from .nn import W8A8Experts, W8A8Linear
+from .nn._quant import FLOAT_DTYPES, KeepFloat32Buffers
 
 FORMAT = "sq_kernels.w8a8"
 FORMAT_VERSION = 1
@@ -334,13 +335,36 @@ def _build_skeleton(path: Path, meta: dict):
     return model
 
 
-def load_quantized(path, device=None, verify: bool = True):
+def check_float_dtype(dtype, what: str = "dtype"):
+    """None / ``"auto"`` (keep the saved dtypes), or a floating dtype the W8A8 modules run in, given as a
+    ``torch.dtype`` or its name (``"float16"``, ``"bfloat16"``, ``"float32"``)."""
+    if dtype is None or dtype == "auto":
+        return None
+    resolved = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    if resolved not in FLOAT_DTYPES:
+        names = ", ".join(str(d).removeprefix("torch.") for d in FLOAT_DTYPES)
+        raise ValueError(f"{what} must be None, 'auto' or one of {names}, got {dtype!r}")
+    return resolved
+
+
+def _kept_float32(model: nn.Module) -> set[str]:
+    """The W8A8 modules' scale and bias buffers, which stay float32 whatever the model's dtype."""
+    return {f"{name}.{b}" if name else b for name, m in model.named_modules() if isinstance(m, KeepFloat32Buffers)
+            for b in m.FLOAT32_BUFFERS}
+
+
+def load_quantized(path, device=None, verify: bool = True, *, dtype=None):
     """Load a checkpoint written by ``save_quantized`` into its HF class with W8A8 modules.
 
     Args:
         path: the checkpoint directory.
         device: where the tensors go (default CPU); loaded there directly.
         verify: check the SHA-256 of the weights file (detects damaged bytes; costs one read of the file).
+        dtype: the floating dtype of the parameters and buffers that stay floating point (embeddings,
+            norms, ``lm_head``): ``torch.float16`` / ``bfloat16`` / ``float32`` or its name; None or
+            ``"auto"`` keeps the dtypes they were saved in. Each tensor is cast as it is read. The int8
+            weights and the float32 scales and biases of the W8A8 modules are never cast, and neither are
+            non-persistent buffers such as rotary frequencies (as ``from_pretrained(dtype=...)`` leaves them).
 
     Returns:
         The model in eval mode. Raises ``CheckpointError`` (a ValueError) for a checkpoint that is not
@@ -349,6 +373,7 @@ def load_quantized(path, device=None, verify: bool = True):
     from safetensors import SafetensorError, safe_open
     path = Path(path)
     device = check_device(device)
+    dtype = check_float_dtype(dtype)
     meta = read_quantization_config(path)
     if not (path / "config.json").is_file():
         raise CheckpointError(f"{path}: config.json is missing")
@@ -368,6 +393,11 @@ def load_quantized(path, device=None, verify: bool = True):
         with safe_open(str(weights), framework="pt", device="cpu" if device.type == "cpu" else str(device)) as f:
             file_meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
+            if dtype is not None:  # one tensor at a time: never two copies of the model
+                keep = _kept_float32(model) | non_persistent
+                for k, t in tensors.items():
+                    if t.is_floating_point() and t.dtype != dtype and k not in keep:
+                        tensors[k] = t.to(dtype)
     except SafetensorError as exc:  # a damaged header or truncated data; anything else is not the file's fault
         raise CheckpointError(f"{weights} is corrupt or truncated: {exc}") from None
     except OSError as exc:
@@ -416,6 +446,8 @@ def load_quantized(path, device=None, verify: bool = True):
     if generation.is_file():
         from transformers import GenerationConfig
         model.generation_config = GenerationConfig.from_pretrained(str(path), local_files_only=True)
+    if dtype is not None:
+        model.config.dtype = dtype
     model.sq_quantization = meta.get("quantization")
     guard_hf_saving(model)
     return model.eval()

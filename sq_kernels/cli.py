@@ -52,10 +52,7 @@ def _check_writable_file(path: str | None, flag: str, overwrite: bool = False) -
 def _load_model(path: str, device: str, dtype: str):
     from .checkpoint import is_quantized_checkpoint, load_quantized
     if is_quantized_checkpoint(path):
-        model = load_quantized(path, device=device)
-        if dtype != "auto":
-            model = model.to(_dtype(dtype))
-        return model
+        return load_quantized(path, device=device, dtype=dtype)
     from transformers import AutoModelForCausalLM
     if not Path(path, "config.json").is_file():
         raise ValueError(f"{path} is not a local Hugging Face model directory (no config.json)")
@@ -105,6 +102,16 @@ def _is_text_file(data) -> bool:
     return isinstance(data, str) and Path(data).suffix.lower() in (".txt", ".jsonl", ".json", ".text", "")
 
 
+def _texts_or_path(path: str | None, field: str | None, flag: str):
+    """A data file as given, or with --text-field, the texts of that field of a .jsonl / .json file."""
+    if path is None or field is None:
+        return path
+    from .calibration import is_json_file, read_texts
+    if not is_json_file(path):
+        raise ValueError(f"--text-field {field} applies to .jsonl / .json files, and {flag} {path} is not one")
+    return read_texts(path, field)
+
+
 def _check_quantize_args(args, config) -> None:
     """Everything about quantize's arguments that can be wrong, before a model is loaded."""
     src, out = Path(args.model).resolve(), Path(args.out).resolve()
@@ -138,9 +145,10 @@ def cmd_calibrate(args) -> int:
     from .calibration import collect_act_stats
     _check_device(args.device)
     _check_writable_file(args.out, "--out", args.overwrite)
+    data = _texts_or_path(args.data, args.text_field, "--data")
     model = _load_model(args.model, args.device, args.dtype)
     tokenizer = _load_tokenizer(args.tokenizer or args.model, required=_is_text_file(args.data))
-    stats = collect_act_stats(model, args.data, tokenizer, num_samples=args.num_samples, seq_len=args.seq_len,
+    stats = collect_act_stats(model, data, tokenizer, num_samples=args.num_samples, seq_len=args.seq_len,
                               batch_size=args.batch_size, progress=not args.no_progress)
     stats.save(args.out)
     print(f"saved statistics of {len(stats)} modules ({stats.meta.get('num_tokens')} tokens) to {args.out}")
@@ -155,9 +163,10 @@ def cmd_quantize(args) -> int:
     _check_quantize_args(args, config)
     _check_device(args.device)
     stats = ActStats.load(args.stats) if args.stats else None
+    use_data = stats is None or config.alpha == "auto"  # with --stats, --data only feeds alpha=auto
+    data = _texts_or_path(args.data, args.text_field, "--data") if use_data else None
     model = _load_model(args.model, args.device, args.dtype)
-    data = args.data if stats is None or config.alpha == "auto" else None  # with --stats, --data only feeds alpha=auto
-    tokenizer = _load_tokenizer(args.tokenizer or args.model, required=data is not None and _is_text_file(data))
+    tokenizer = _load_tokenizer(args.tokenizer or args.model, required=use_data and _is_text_file(args.data))
     if stats is None and args.save_stats:
         from .calibration import collect_act_stats
         stats = collect_act_stats(model, data, tokenizer, num_samples=config.num_samples, seq_len=config.seq_len,
@@ -191,6 +200,15 @@ def cmd_eval(args) -> int:
             check_positive_int(name, getattr(args, name))
     _check_writable_file(args.json, "--json", args.overwrite)
     _check_device(args.device)
+    from .calibration import is_json_file
+    if args.text_field and not any(p and is_json_file(p) for p in (args.ppl, args.lambada, args.sqnr_data)):
+        raise ValueError(f"--text-field {args.text_field} applies to .jsonl / .json files, and none of --ppl, "
+                         "--lambada, --sqnr-data is one")
+
+    def read(path, flag):
+        return _texts_or_path(path, args.text_field if path and is_json_file(path) else None, flag)
+    ppl, lambada, sqnr_data = read(args.ppl, "--ppl"), read(args.lambada, "--lambada"), read(args.sqnr_data,
+                                                                                               "--sqnr-data")
     model = _load_model(args.model, args.device, args.dtype)
     tokenizer = _load_tokenizer(args.tokenizer or args.model, required=True)
     reference = _load_model(args.reference, args.device, args.dtype) if args.reference else None
@@ -200,15 +218,15 @@ def cmd_eval(args) -> int:
         if m is None:
             continue
         if args.ppl:
-            results[f"{label}_perplexity"] = ev.perplexity(m, args.ppl, tokenizer, seq_len=args.seq_len,
+            results[f"{label}_perplexity"] = ev.perplexity(m, ppl, tokenizer, seq_len=args.seq_len,
                                                             stride=args.stride, max_windows=args.max_windows,
                                                             progress=progress)
         if args.lambada:
-            results[f"{label}_last_word_accuracy"] = ev.last_token_accuracy(m, args.lambada, tokenizer,
+            results[f"{label}_last_word_accuracy"] = ev.last_token_accuracy(m, lambada, tokenizer,
                                                                            max_samples=args.max_samples,
                                                                            progress=progress)
     if reference is not None and args.sqnr_data:
-        report = ev.layer_sqnr(reference, model, args.sqnr_data, tokenizer, seq_len=args.seq_len, progress=progress)
+        report = ev.layer_sqnr(reference, model, sqnr_data, tokenizer, seq_len=args.seq_len, progress=progress)
         results["layer_sqnr_db"] = report
         print(ev.format_sqnr_table(report))
     for key, value in results.items():
@@ -385,6 +403,10 @@ def cmd_bench(args) -> int:
     return 0
 
 
+TEXT_FIELD_HELP = ("the JSON key holding each text in .jsonl / .json data files (default: text; lines that are "
+                   "plain JSON strings are read as they are)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sq-kernels", description="SmoothQuant W8A8: calibrate, quantize, evaluate.")
     parser.add_argument("--version", action="version", version=f"sq-kernels {_version()}")
@@ -394,6 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--data", required=data_required,
                        help="calibration data: a local .txt or .jsonl ({'text': ...} per line) file"
                             + ("" if data_required else "; not needed with --stats (unless --alpha auto)"))
+        p.add_argument("--text-field", help=TEXT_FIELD_HELP)
         p.add_argument("--tokenizer", help="tokenizer directory (default: the model directory)")
         p.add_argument("--num-samples", type=int, default=128, help="calibration samples (default 128)")
         p.add_argument("--seq-len", type=int, default=512, help="tokens per sample (default 512)")
@@ -444,6 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ppl", help="local text file for perplexity")
     p.add_argument("--lambada", help="local JSONL file ({'text': ...} per line) for last-word accuracy")
     p.add_argument("--sqnr-data", help="local text file for the per-layer SQNR report (needs --reference)")
+    p.add_argument("--text-field", help=TEXT_FIELD_HELP)
     p.add_argument("--seq-len", type=int, default=512, help="tokens per window / sample (default 512)")
     p.add_argument("--stride", type=int, help="sliding-window stride for perplexity (default: seq-len)")
     p.add_argument("--max-windows", type=int, help="evaluate at most this many perplexity windows")

@@ -89,6 +89,28 @@ def test_data_forms(tokenizer, text_file, tmp_path):
     assert [tuple(b.shape) for b in batches] == [(2, 5), (1, 5), (1, 7)]  # equal lengths batched, no padding
 
 
+def test_read_texts_chooses_the_field(tmp_path):
+    from sq_kernels.calibration import read_texts
+    jsonl, js = tmp_path / "pile.jsonl", tmp_path / "pile.json"
+    records = [{"content": "alpha beta", "meta": {"src": "x"}}, {"content": "gamma", "id": 7}, "delta epsilon"]
+    jsonl.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    js.write_text(json.dumps(records))
+    for path in (jsonl, js):
+        assert read_texts(path, field="content") == ["alpha beta", "gamma", "delta epsilon"]
+        with pytest.raises(ValueError, match=r"string field 'text'; its string fields are \['content'\]: choose the "
+                                             r"field with read_texts\(path, field=...\) or the CLI's --text-field"):
+            read_texts(path)
+    (tmp_path / "nums.jsonl").write_text('{"a": 1}\n')
+    with pytest.raises(ValueError, match=r"it has no string field \(keys: \['a'\]\)"):
+        read_texts(tmp_path / "nums.jsonl")
+    with pytest.raises(ValueError, match="field must be a non-empty string"):
+        read_texts(jsonl, field="")
+    with pytest.raises(ValueError, match="reads .jsonl / .json files"):
+        read_texts(tmp_path / "notes.txt")
+    with pytest.raises(ValueError, match="is not a file"):
+        read_texts(tmp_path / "missing.jsonl")
+
+
 def test_data_errors(tokenizer, tmp_path):
     with pytest.raises(ValueError, match="no tokenizer"):
         calibration_samples(["some text"])
@@ -272,10 +294,12 @@ def test_json_array_file(tokenizer, tmp_path):
     lines = tmp_path / "lines.json"  # JSON Lines saved as .json
     lines.write_text("\n".join(json.dumps({"text": t}) for t in texts))
     assert len(calibration_samples(lines, tokenizer, num_samples=2)) == 2
-    for bad in ([1, 2, 3], {"data": texts}, [{"content": "x"}]):
+    for bad, message in (([1, 2, 3], "JSON array of strings or of objects with a string field 'text'"),
+                         ({"data": texts}, "JSON array of strings or of objects with a string field 'text'"),
+                         ([{"content": "x"}], r"its string fields are \['content'\]: choose the field")):
         path = tmp_path / "bad.json"
         path.write_text(json.dumps(bad))
-        with pytest.raises(ValueError, match="JSON array of strings or of objects with a string field 'text'"):
+        with pytest.raises(ValueError, match=message):
             calibration_samples(path, tokenizer)
     broken = tmp_path / "broken.json"
     broken.write_text('["unterminated')

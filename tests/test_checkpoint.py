@@ -88,6 +88,38 @@ def test_float16_model_round_trip(tmp_path):
     assert torch.equal(_logits(loaded, x), _logits(model, x))
 
 
+@pytest.mark.parametrize("family", ["llama", "mixtral", "opt"])
+def test_load_in_another_dtype(family, tmp_path):
+    model = _quantized(family)  # float32
+    sq.save_quantized(model, tmp_path)
+    loaded = sq.load_quantized(tmp_path, dtype="bfloat16")
+    assert sq.load_quantized(tmp_path, dtype=torch.bfloat16).state_dict().keys() == loaded.state_dict().keys()
+    kept = {n for n, m in loaded.named_modules() if isinstance(m, (W8A8Linear, W8A8Experts))}
+    for name, t in loaded.state_dict().items():
+        owner = name.rpartition(".")[0]
+        if owner in kept:  # int8 weights and float32 scales / biases, as saved
+            assert t.dtype == model.state_dict()[name].dtype, name
+        else:
+            assert t.dtype == torch.bfloat16, name
+    for name, buf in loaded.named_buffers():  # non-persistent buffers (rotary frequencies) are not cast
+        if name not in loaded.state_dict():
+            assert buf.dtype == dict(model.named_buffers())[name].dtype, name
+    if family == "opt":
+        assert loaded.lm_head.weight is loaded.model.decoder.embed_tokens.weight  # still tied
+    assert loaded.config.dtype == torch.bfloat16
+    x = calib_tokens(2, 16, seed=3)
+    got, want = _logits(loaded, x), _logits(model, x)
+    assert got.dtype == torch.bfloat16
+    assert (got.float() - want).norm() < 0.05 * want.norm()
+
+
+@pytest.mark.parametrize("dtype", ["int8", torch.int8, torch.float64, "fp16", 16])
+def test_load_dtype_is_checked(dtype, tmp_path):
+    sq.save_quantized(_quantized(), tmp_path)
+    with pytest.raises(ValueError, match="dtype must be None, 'auto' or one of float16, bfloat16, float32"):
+        sq.load_quantized(tmp_path, dtype=dtype)
+
+
 def test_plain_from_pretrained_does_not_load_it(tmp_path):
     from transformers import AutoModelForCausalLM
     sq.save_quantized(_quantized(), tmp_path)

@@ -179,8 +179,9 @@ def test_quantize_from_statistics_needs_no_data_and_patterns_are_checked_before_
     def no_calibration(*a, **k):
         raise AssertionError("calibrated although no module would be converted")
     monkeypatch.setattr(api, "collect_act_stats", no_calibration)
-    assert main(["quantize", str(model_dir), str(tmp_path / "q2"), "--data", str(txt), "--include", "nomatch*",
-                 "--no-progress"]) == 2
+    with pytest.warns(UserWarning, match="include pattern 'nomatch\\*' matches no module"):
+        assert main(["quantize", str(model_dir), str(tmp_path / "q2"), "--data", str(txt), "--include", "nomatch*",
+                     "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "no module would be converted" in err and "include / exclude" in err
 
@@ -253,3 +254,27 @@ def test_info_verify_catches_a_damaged_checkpoint(model_dir, data_files, tmp_pat
     assert main(["info", str(out)]) == 0  # without --verify only the table is read
     assert main(["info", str(out), "--verify"]) == 2
     assert "sq_model.safetensors" in capsys.readouterr().err
+
+
+def test_text_field_selects_the_json_key(model_dir, tmp_path, capsys):
+    data = tmp_path / "pile.jsonl"
+    data.write_text("\n".join(json.dumps({"content": s.strip() + ".", "id": i})
+                              for i, s in enumerate(TEXT.split(".")[:6]) if s.strip()))
+    out, stats = tmp_path / "q", tmp_path / "stats.safetensors"
+    args = ["--num-samples", "2", "--seq-len", "32", "--no-progress"]
+    assert main(["quantize", str(model_dir), str(out), "--data", str(data)] + args) == 2
+    assert "--text-field" in capsys.readouterr().err  # the error says how to choose the key
+    assert main(["calibrate", str(model_dir), "--data", str(data), "--text-field", "content", "--out", str(stats)]
+                + args) == 0
+    assert main(["quantize", str(model_dir), str(out), "--data", str(data), "--text-field", "content"] + args) == 0
+    assert main(["eval", str(out), "--lambada", str(data), "--ppl", str(data), "--text-field", "content",
+                 "--seq-len", "64", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "model_last_word_accuracy" in printed and "model_perplexity" in printed
+    txt = tmp_path / "plain.txt"
+    txt.write_text(TEXT)
+    assert main(["calibrate", str(model_dir), "--data", str(txt), "--text-field", "content", "--out",
+                 str(tmp_path / "s2.safetensors")] + args) == 2
+    assert "--text-field content applies to .jsonl / .json files" in capsys.readouterr().err
+    assert main(["eval", str(out), "--ppl", str(txt), "--text-field", "content", "--no-progress"]) == 2
+    assert "none of --ppl, --lambada, --sqnr-data is one" in capsys.readouterr().err

@@ -260,6 +260,10 @@ def test_row_strided_offset_and_transposed_views_equal_the_contiguous_result():
 
 # ----------------------------------------------------------------------------------------------
 # Bad input (shared with the CUDA tests)
+# Cases the reference rejects but csrc/torch/quant_ops.cpp does not check yet (the wrapper checks them before
+# dispatch, so only direct op calls): the CUDA suite skips them with this reason until wip/entry-checks.patch.
+CUDA_GAPS = {f"eps_{what}_float32-{norm}-op": "quant_ops.cpp checks eps in double, not its float32 value "
+             "(wip/entry-checks.patch)" for what in ("underflows", "overflows") for norm in ("rms", "layer")}
 # ----------------------------------------------------------------------------------------------
 def bad_inputs(device, other_device):
     """[(case id, zero-argument call, names one of which the ValueError must mention, op name)]."""
@@ -307,6 +311,8 @@ def bad_inputs(device, other_device):
     cases += both("eps_negative", ["eps"], "", eps=-1e-5)
     cases += both("eps_nan", ["eps"], "", eps=float("nan"))
     cases += both("eps_inf", ["eps"], "", eps=float("inf"))
+    cases += both("eps_underflows_float32", ["eps"], "", eps=1e-300)
+    cases += both("eps_overflows_float32", ["eps"], "", eps=1e39)
     cases += both("residual_wrong_shape", ["residual"], "", r=x[:2])
     cases += both("residual_bf16", ["residual"], "", r=x.bfloat16())
     cases += both("residual_other_device", ["residual"], "", r=x.to(od))

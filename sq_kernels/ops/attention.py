@@ -78,6 +78,9 @@ def check_bmm_operands(name: str, a, b, a_name: str = "a", b_name: str = "b",
                   " (call .contiguous())")
         if t.shape[1] > 1 and t.stride(1) % ALIGN:
             _fail(f"{name}: {arg}'s row stride {t.stride(1)} must be a multiple of {ALIGN} (call .contiguous())")
+        if t.shape[1] > 1 and t.stride(1) < t.shape[2]:
+            _fail(f"{name}: {arg}'s row stride {t.stride(1)} is less than its row length {t.shape[2]}: rows may not "
+                  "overlap (call .contiguous())")
         if t.shape[0] > 1 and t.stride(0) % ALIGN:
             _fail(f"{name}: {arg}'s batch stride {t.stride(0)} must be a multiple of {ALIGN} (call .contiguous())")
         # Dynamo cannot trace storage_offset(); the fake implementation and the C++ entry point check it.
@@ -253,8 +256,9 @@ def _kernel_ready(t: torch.Tensor) -> torch.Tensor:
     """``t`` itself when its strides and alignment meet the kernel's contract, else a contiguous copy."""
     if torch.compiler.is_compiling():
         return t.contiguous()
-    ok = t.numel() == 0 or (t.stride(-1) == 1 and (t.shape[-2] <= 1 or t.stride(-2) % ALIGN == 0)
-                            and (t.shape[0] <= 1 or t.stride(0) % ALIGN == 0) and t.storage_offset() % ALIGN == 0)
+    rows_ok = t.shape[-2] <= 1 or (t.stride(-2) % ALIGN == 0 and t.stride(-2) >= t.shape[-1])  # no overlap
+    ok = t.numel() == 0 or (t.stride(-1) == 1 and rows_ok and (t.shape[0] <= 1 or t.stride(0) % ALIGN == 0)
+                            and t.storage_offset() % ALIGN == 0)
     return t if ok else t.contiguous()
 
 
@@ -304,6 +308,12 @@ def int8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_scale: t
     if v_transposed and (not isinstance(v, torch.Tensor) or v.dtype != torch.int8):
         _fail(f"{name}: v_transposed=True needs an int8 v [..., D, Sk], got {_desc(v)}")
     v_q, v_s = _as_int8(name, "v", v, v_scale)
+    for arg, t in (("k", k_q), ("v", v_q)):
+        if t.device != q_q.device:
+            _fail(f"{name}: {arg} is on {t.device} and q on {q_q.device}; q, k and v must be on the same device")
+    if sm_scale is not None and (isinstance(sm_scale, bool) or not isinstance(sm_scale, (int, float))
+                                 or not math.isfinite(sm_scale) or sm_scale <= 0):
+        _fail(f"{name}: sm_scale must be None (1 / sqrt(D)) or a finite Python number > 0, got {sm_scale!r}")
     for arg, t in (("q", q_q), ("k", k_q), ("v", v_q)):
         if t.dim() < 2:
             _fail(f"{name}: {arg} must be at least 2-D [..., S, D], got shape {tuple(t.shape)}")

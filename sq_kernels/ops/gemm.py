@@ -58,6 +58,17 @@ def check_operands(name: str, a: torch.Tensor, w: torch.Tensor) -> None:
         if t.numel() and t.shape[0] > 1 and (t.stride(0) % ALIGN != 0 or t.stride(0) < t.shape[1]):
             _fail(f"{name}: {arg}'s row stride {t.stride(0)} must be a multiple of {ALIGN} and at least K = "
                   f"{t.shape[1]} (rows may not overlap)")
+        # Dynamo cannot trace storage_offset(); the fake implementation and the C++ entry point check it.
+        if t.numel() and not torch.compiler.is_compiling() and t.storage_offset() % ALIGN:
+            _fail(f"{name}: {arg} starts {t.storage_offset()} bytes into its storage; the kernels need 16-byte "
+                  "aligned data (call .contiguous() on a copy, e.g. .clone())")
+
+
+def misaligned_vector(t) -> bool:
+    """A float32 vector whose data does not start on a 16-byte boundary: the sm80 epilogue loads ``w_scale``
+    and ``bias`` 16 bytes at a time (a view such as ``v[1:]`` would fault there)."""
+    return (isinstance(t, torch.Tensor) and t.numel() > 1 and not torch.compiler.is_compiling()
+            and (t.storage_offset() * t.element_size()) % ALIGN != 0)
 
 
 def _check_vector(name: str, arg: str, t, length: int, what: str, device, dtypes=(torch.float32,)) -> None:
@@ -71,6 +82,9 @@ def _check_vector(name: str, arg: str, t, length: int, what: str, device, dtypes
         _fail(f"{name}: {arg} must have 1 element or shape [{length}] ({what}), got shape {tuple(t.shape)}")
     if t.numel() > 1 and t.stride(0) != 1:
         _fail(f"{name}: {arg} must be contiguous")
+    if arg in ("w_scale", "bias") and misaligned_vector(t):
+        _fail(f"{name}: {arg} starts {t.storage_offset()} elements into its storage; per-channel vectors must "
+              f"start on a 16-byte boundary (pass {arg}.clone(); ops.scaled_mm does that for you)")
 
 
 def check_scaled_mm(a, w, a_scale, w_scale, bias, out_dtype, out_scale, relu) -> None:
@@ -171,6 +185,9 @@ def scaled_mm(a_q: torch.Tensor, w_q: torch.Tensor, a_scale: torch.Tensor, w_sca
         a_scale = a_scale.reshape(-1)
     if bias is not None and isinstance(bias, torch.Tensor) and bias.dtype in (torch.float16, torch.bfloat16):
         bias = bias.float()
+    # views that start mid-vector (w_scale[1:], a slice of a packed buffer) get an aligned copy of N floats
+    w_scale = w_scale.clone() if misaligned_vector(w_scale) else w_scale
+    bias = bias.clone() if misaligned_vector(bias) else bias
     out = op("scaled_mm")(a2, w_q, a_scale, w_scale, bias, out_dtype, out_scale, bool(relu))
     return out.reshape(*lead, w_q.shape[0])
 

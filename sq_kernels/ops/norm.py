@@ -69,7 +69,19 @@ def check_norm(name: str, x, residual, weight, bias, eps, scale) -> None:
         _check_vector(name, "bias", bias, x)
     if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
         _fail(f"{name}: eps must be a finite number > 0, got {eps!r}")
+    _check_eps_float32(name, eps)
     check_optional_scale(name, scale, x.device)
+
+
+FLOAT32_TINY, FLOAT32_MAX = 1.1754943508222875e-38, 3.4028234663852886e38
+
+
+def _check_eps_float32(name: str, eps: float) -> None:
+    """The kernels add eps in float32: a value that would round to 0 (NaN scales on an all-zero row) or
+    overflow to inf (an all-zero output) is refused."""
+    if math.isfinite(eps) and eps > 0 and not FLOAT32_TINY <= eps <= FLOAT32_MAX:
+        _fail(f"{name}: eps = {eps!r} is not a normal float32 number (the kernels compute in float32): it must "
+              f"lie in [{FLOAT32_TINY:.3g}, {FLOAT32_MAX:.3g}]")
 
 
 def norm_reference_fp32(x, residual, weight, bias, eps, layer: bool):
@@ -154,6 +166,7 @@ define("add_layer_norm_quant(Tensor x, Tensor residual, Tensor weight, Tensor? b
 def _eps(name: str, eps) -> float:
     if isinstance(eps, bool) or not isinstance(eps, (int, float)):
         _fail(f"{name}: eps must be a number, got {type(eps).__name__}")
+    _check_eps_float32(name, float(eps))  # before dispatch, so the CUDA path refuses it too
     return float(eps)
 
 

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from .calibration import ActStats, calibration_batches, collect_act_stats
+from .calibration import ActStats, calibration_batches, check_in_memory, check_stats_source, collect_act_stats
 from .checkpoint import guard_hf_saving
-from .config import SmoothQuantConfig, _local_matches
+from .config import SmoothQuantConfig, as_config, pattern_matches
 from .families import UnsupportedModelError, family_of
 from .nn.convert import build_modules, plan_conversion, swap_modules, warn_kept
 from .smooth import SmoothReport, smooth_
@@ -84,7 +84,7 @@ def _require_conversions(model: nn.Module, plan, what: str) -> None:
                      f"patterns and set_local rules")
 
 
-def _warn_unmatched_patterns(model: nn.Module, config: SmoothQuantConfig, plan) -> None:
+def _warn_unmatched_patterns(model: nn.Module, config: SmoothQuantConfig, plan, stacklevel: int = 4) -> None:
     """A pattern (or class name) of include / exclude / set_local that matches no candidate module is almost
     always a typo, and its rule silently does nothing: say so."""
     default = SmoothQuantConfig(progress=False)
@@ -94,11 +94,11 @@ def _warn_unmatched_patterns(model: nn.Module, config: SmoothQuantConfig, plan) 
                                       ("exclude", config.exclude, default.exclude),
                                       ("set_local", tuple(config.local), ())):
         for pattern in patterns:
-            if pattern in defaults or any(_local_matches(pattern, name, module) for name, module in seen):
+            if pattern in defaults or any(pattern_matches(pattern, name, module) for name, module in seen):
                 continue
             warnings.warn(f"{field} pattern {pattern!r} matches no module of {type(model).__name__}, so its rule does "
-                          f"nothing (module names look like {example!r}; patterns are fnmatch on the full name, "
-                          f"or a class name)", UserWarning, stacklevel=3)
+                          f"nothing (module names look like {example!r}; a pattern matches the full name (fnmatch), "
+                          f"its end after a dot, or a class name)", UserWarning, stacklevel=stacklevel)
 
 
 def quantize_(model: nn.Module, config: SmoothQuantConfig | None = None,
@@ -119,7 +119,16 @@ def quantize_(model: nn.Module, config: SmoothQuantConfig | None = None,
 
 def _quantize(model: nn.Module, config: SmoothQuantConfig | None, stats: ActStats | None,
               warn_patterns: bool) -> ConversionReport:
-    config = (config or SmoothQuantConfig()).validate()
+    config = as_config(config, "quantize_")
+    check_in_memory(model, "quantize_")
+    if stats is not None:
+        check_stats_source(model, stats, "quantize_")
+        if (config.needs_static_scales() and getattr(model, "sq_smoothing", None)
+                and getattr(stats, "meta", {}).get("smoothed") is False):
+            raise ValueError("quantize_: the model was smoothed, and these statistics were collected before that: "
+                             "static activation scales from them would miss the smoothing factors. Pass the "
+                             "statistics after smoothing: report = smooth_(...); quantize_(model, config, "
+                             "report.stats) (or collect statistics on the smoothed model)")
     spec = _family_or_none(model, config)
     plan = plan_conversion(model, config, stats, spec)
     if warn_patterns:
@@ -161,7 +170,8 @@ def smoothquant(model: nn.Module, data=None, config: SmoothQuantConfig | None = 
     Returns:
         ``ConversionReport`` with the ``SmoothReport`` attached.
     """
-    config = (config or SmoothQuantConfig()).validate()
+    config = as_config(config, "smoothquant")
+    check_in_memory(model, "smoothquant")
     if config.smooth:
         spec = family_of(model, config.family)  # unsupported architectures fail here, listing the supported ones
         reason = spec.refusal(getattr(model, "config", None))
@@ -170,7 +180,7 @@ def smoothquant(model: nn.Module, data=None, config: SmoothQuantConfig | None = 
     # What would be converted is known before any calibration: a pattern that matches nothing fails now,
     # not after a calibration pass over a large model.
     dry = plan_conversion(model, config, _EveryStat(), _family_or_none(model, config))
-    _warn_unmatched_patterns(model, config, dry)
+    _warn_unmatched_patterns(model, config, dry, stacklevel=3)
     _require_conversions(model, dry, "smoothquant")
     needs_data = stats is None or (config.smooth and config.alpha == "auto")
     if data is None and needs_data:

@@ -111,7 +111,7 @@ class ActStats:
         out = dict(self.absmax)
         for name, s in divisors.items():
             out[name] = self[name] / s.detach().to(device="cpu", dtype=torch.float32)
-        return ActStats(out, self.tokens, self.meta)
+        return ActStats(out, self.tokens, {**self.meta, "smoothed": True})
 
     def save(self, path) -> None:
         """Write a safetensors file (tensors + metadata: format, version, token counts, meta)."""
@@ -647,8 +647,29 @@ def collect_act_stats(model, data, tokenizer=None, *, num_samples: int = 128, se
     meta = {"model_type": getattr(getattr(model, "config", None), "model_type", None),
             "model_class": type(model).__name__, "num_batches": len(batches),
             "num_samples": sum(b.shape[0] for b in batches), "num_tokens": sum(b.numel() for b in batches),
-            "seq_len": seq_len}
+            "seq_len": seq_len, "smoothed": bool(getattr(model, "sq_smoothing", None))}
     never = sorted(set(targets) - set(absmax))
     if never:
         meta["never_called"] = never
     return ActStats(absmax, tokens, meta)
+
+
+def check_stats_source(model, stats: "ActStats", what: str) -> None:
+    """Warn when ``stats`` were collected on a model of another type than ``model`` (their shapes may still
+    fit, e.g. Llama statistics on a Qwen2 model of the same size, and give silently poor scales)."""
+    recorded = stats.meta.get("model_type") if isinstance(getattr(stats, "meta", None), dict) else None
+    actual = getattr(getattr(model, "config", None), "model_type", None)
+    if recorded and actual and recorded != actual:
+        warnings.warn(f"{what}: the statistics were collected on a {recorded!r} model and this is a {actual!r} "
+                      f"model; statistics belong to the model they were collected on (collect them again)",
+                      UserWarning, stacklevel=3)
+
+
+def check_in_memory(model, what: str) -> None:
+    """Every weight is in memory: a model loaded with disk / CPU offloading (``device_map``) keeps some on the
+    meta device, which calibration runs through but smoothing and quantization cannot change."""
+    on_meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if on_meta:
+        raise ValueError(f"{what}: {len(on_meta)} weights of the model are on the meta device (e.g. {on_meta[0]!r}): "
+                         f"it was loaded with offloading (device_map=... with 'disk' or 'cpu' offload). Load it "
+                         f"entirely onto one device (device_map=None, or a single GPU) to smooth and quantize it")

@@ -71,10 +71,10 @@ class SmoothQuantConfig:
         weight: overrides the preset's weight granularity (``"per_channel"`` / ``"per_tensor"``).
         activation: overrides the preset's activation scheme (``"per_token"`` / ``"per_tensor"`` /
             ``"static"``).
-        include: fnmatch patterns on module names (a list/tuple, or a str for one pattern); only matching
-            linears are quantized.
-        exclude: fnmatch patterns on module names kept in floating point (``lm_head`` by default; a str is
-            one pattern).
+        include: patterns (a list/tuple, or a str for one pattern); only matching linears are quantized.
+            A pattern matches a module's full name (fnmatch), the end of it after a dot (``"q_proj"``,
+            ``"self_attn.*"``) or its class name (``"Linear"``); the same rule for ``exclude`` and ``local``.
+        exclude: patterns of modules kept in floating point (``lm_head`` by default; a str is one pattern).
         local: per-module rules, applied in order (later wins): ``{pattern or class name: "fp" or
             {"weight": ..., "activation": ...}}``; fill it with ``set_local``.
         smooth: False quantizes without smoothing (naive W8A8).
@@ -153,15 +153,15 @@ class SmoothQuantConfig:
 
     def resolve(self, name: str, module) -> Scheme | str:
         """The scheme for module ``name``, or a reason string when it stays in floating point."""
-        if not any(fnmatch.fnmatchcase(name, p) for p in self.include):
+        if not any(pattern_matches(p, name, module) for p in self.include):
             return f"not matched by include={list(self.include)}"
         for pattern in self.exclude:
-            if fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, "*." + pattern):
+            if pattern_matches(pattern, name, module):
                 return f"excluded by pattern {pattern!r}"
         scheme = self.default_scheme()
         reason = None
         for key, value in self.local.items():
-            if _local_matches(key, name, module):
+            if pattern_matches(key, name, module):
                 if value == FP:
                     reason = f"kept in floating point by set_local({key!r}, 'fp')"
                 else:
@@ -233,7 +233,25 @@ def _check_local(key, value) -> None:
     Scheme(value.get("weight", "per_channel"), value.get("activation", "per_token"))
 
 
-def _local_matches(key: str, name: str, module) -> bool:
-    if fnmatch.fnmatchcase(name, key):
+def pattern_matches(pattern: str, name: str, module=None) -> bool:
+    """The one matching rule of include, exclude and set_local: ``pattern`` matches the module's full name
+    (fnmatch: ``"model.layers.0.*"``), the end of it after a dot (``"q_proj"``, ``"self_attn.*"``,
+    ``"layers.0.*"``), or the name of its class or a base class (``"Linear"``, ``"MixtralExperts"``)."""
+    if fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, "*." + pattern):
         return True
-    return module is not None and any(cls.__name__ == key for cls in type(module).__mro__)
+    return module is not None and any(cls.__name__ == pattern for cls in type(module).__mro__)
+
+
+def as_config(config, what: str) -> SmoothQuantConfig:
+    """``config`` validated (None: the defaults); anything but a ``SmoothQuantConfig`` is a ValueError that
+    says what to pass instead."""
+    if config is None:
+        return SmoothQuantConfig().validate()
+    if isinstance(config, SmoothQuantConfig):
+        return config.validate()
+    if isinstance(config, dict):
+        raise ValueError(f"{what}: config must be a SmoothQuantConfig, got a dict; build one with "
+                         f"SmoothQuantConfig(**d) or SmoothQuantConfig.from_dict(d)")
+    hint = (" (a tokenizer? pass it by keyword: tokenizer=...)" if callable(config) or hasattr(config, "encode")
+            else "")
+    raise ValueError(f"{what}: config must be a SmoothQuantConfig, got {type(config).__name__}{hint}")

@@ -27,8 +27,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .calibration import ActStats, calibration_batches, check_token_ids, model_device, run_model
-from .config import SmoothQuantConfig, check_alpha
+from .calibration import (ActStats, calibration_batches, check_in_memory, check_stats_source, check_token_ids,
+                          model_device, run_model)
+from .config import SmoothQuantConfig, as_config, check_alpha
 from .families import FamilySpec, decoder_layers, family_of, get_submodule
 
 W_FLOOR = 1e-5
@@ -217,10 +218,22 @@ def smooth_(model, stats: ActStats, config: SmoothQuantConfig | None = None, dat
     Returns:
         ``SmoothReport`` (alpha per layer; ``.stats`` are the statistics after smoothing).
     """
-    config = (config or SmoothQuantConfig()).validate()
+    config = as_config(config, "smooth_")
+    check_in_memory(model, "smooth_")
     spec = family_of(model, config.family)
     alpha = _resolve_alpha(config, spec)
     plans, skipped = plan_smoothing(model, stats, config, spec)
+    check_stats_source(model, stats, "smooth_")
+    if getattr(model, "sq_smoothing", None):
+        if stats.meta.get("smoothed") is False:
+            raise ValueError("smooth_: this model was already smoothed, and these statistics were collected before "
+                             "that, on the original model: smoothing with them would scale the same channels a second "
+                             "time (the model stays equivalent, but its quantized accuracy drops badly). Smooth the "
+                             "original model once (reload it), or collect statistics on the smoothed model")
+        if stats.meta.get("smoothed") is None:  # statistics saved before this was recorded: cannot tell
+            warnings.warn("smooth_: this model was already smoothed; if these statistics were collected before that, "
+                          "smoothing again scales the same channels twice, which keeps the model equivalent but can "
+                          "cost much of its quantized accuracy. Smooth the original model once", stacklevel=2)
     layer_names = list(dict.fromkeys(p.layer for p in plans))
     search = {}
     if alpha == "auto":
@@ -235,10 +248,6 @@ def smooth_(model, stats: ActStats, config: SmoothQuantConfig | None = None, dat
         if not torch.isfinite(s).all() or (s <= 0).any():
             raise ValueError(f"{p.full(p.source)}: smoothing scales are not finite and positive")
         scales.append(s)
-    if getattr(model, "sq_smoothing", None):
-        warnings.warn("this model was already smoothed; smoothing again with statistics of the original model "
-                      "keeps it equivalent but the second set of scales is not what SmoothQuant would choose",
-                      stacklevel=2)
     layers = dict(decoder_layers(model, spec))
     done = 0
     try:

@@ -278,3 +278,75 @@ def test_gpt2_conv1d_layers_are_named_as_the_reason_nothing_converts():
     gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=1, n_head=4, vocab_size=128))
     with pytest.raises(ValueError, match="Conv1D modules .*not nn.Linear"):
         sq.smoothquant(gpt2, calib_tokens(), _cfg(smooth=False))
+
+
+def test_one_pattern_rule_for_include_exclude_and_set_local():
+    # a pattern matches the full name, its end after a dot, or a class name: the same for all three
+    def converted(**kw):
+        with _no_warning():  # none of these patterns is called unmatched
+            return set(sq.quantize_(make_model("llama"), _cfg(smooth=False, **kw)).converted)
+    q_projs = {f"model.layers.{i}.self_attn.q_proj" for i in range(2)}
+    assert converted(include="q_proj") == q_projs
+    assert not converted(exclude=["q_proj", "lm_head"]) & q_projs
+    assert not {n for n in converted(exclude=["self_attn.*", "lm_head"]) if ".self_attn." in n}
+    assert not {n for n in converted(exclude=["layers.0.*", "lm_head"]) if ".layers.0." in n}
+    with pytest.raises(ValueError, match="no module would be converted"):
+        converted(exclude="Linear")  # a class name excludes every nn.Linear
+    with pytest.warns(UserWarning, match="exclude pattern 'q_porj' matches no module") as record:
+        sq.quantize_(make_model("llama"), _cfg(smooth=False, exclude=["q_porj", "lm_head"]))
+    assert record[0].filename == __file__  # the warning points at the caller's line
+
+
+class _no_warning:
+    def __enter__(self):
+        import warnings
+        self._ctx = warnings.catch_warnings()
+        self._ctx.__enter__()
+        warnings.simplefilter("error", UserWarning)
+
+    def __exit__(self, *exc):
+        self._ctx.__exit__(*exc)
+
+
+def test_config_of_the_wrong_type_is_named():
+    model = make_model("llama")
+    with pytest.raises(ValueError, match=r"smoothquant: config must be a SmoothQuantConfig, got function "
+                                         r"\(a tokenizer\? pass it by keyword: tokenizer=...\)"):
+        sq.smoothquant(model, ["some text"], lambda s: [1, 2, 3])
+    with pytest.raises(ValueError, match=r"quantize_: config must be a SmoothQuantConfig, got a dict; build one"):
+        sq.quantize_(model, {"scheme": "O1"})
+    with pytest.raises(ValueError, match=r"smooth_: config must be a SmoothQuantConfig, got str"):
+        sq.smooth_(model, sq.collect_act_stats(model, calib_tokens(), progress=False), "O3")
+
+
+def test_offloaded_weights_are_refused_before_any_work():
+    model = make_model("llama")
+    with torch.device("meta"):
+        model.model.layers[1].mlp.down_proj = nn.Linear(256, 64, bias=False)  # as device_map offloading leaves it
+    for call in (lambda: sq.smoothquant(model, calib_tokens(), _cfg()), lambda: sq.quantize_(model, _cfg())):
+        with pytest.raises(ValueError, match=r"1 weights of the model are on the meta device \(e.g. "
+                                             r"'model.layers.1.mlp.down_proj.weight'\): it was loaded with offloading"):
+            call()
+    assert not any(isinstance(m, W8A8Linear) for m in model.modules())
+
+
+def test_statistics_of_another_model_type_are_warned_about():
+    stats = sq.collect_act_stats(make_model("llama"), calib_tokens(), progress=False)
+    mistral = make_model("mistral")  # same module names and shapes as the tiny Llama
+    with pytest.warns(UserWarning, match="collected on a 'llama' model and this is a 'mistral' model"):
+        sq.smoothquant(mistral, None, _cfg(), stats=stats)
+
+
+def test_statistics_from_before_smoothing_are_refused_where_they_would_be_wrong():
+    model = make_model("llama")
+    stats = sq.collect_act_stats(model, calib_tokens(), progress=False)
+    report = sq.smooth_(model, stats, _cfg())
+    assert stats.meta["smoothed"] is False and report.stats.meta["smoothed"] is True
+    with pytest.raises(ValueError, match="already smoothed, and these statistics were collected before"):
+        sq.smooth_(model, stats, _cfg())
+    with pytest.raises(ValueError, match="static activation scales from them would miss the smoothing factors"):
+        sq.quantize_(model, _cfg(scheme="O3"), stats=stats)
+    assert not any(isinstance(m, W8A8Linear) for m in model.modules())  # nothing changed by the refusals
+    sq.quantize_(model, _cfg(scheme="O3"), stats=report.stats)
+    restats = sq.collect_act_stats(make_model("llama"), calib_tokens(), progress=False)
+    assert restats.meta["smoothed"] is False

@@ -454,6 +454,12 @@ def calibration_batches(data, tokenizer=None, num_samples: int = 128, seq_len: i
         current.append(s)
     if current:
         batches.append(torch.stack(current))
+    full = -(-len(samples) // batch_size)
+    if batch_size > 1 and len(batches) > max(2 * full, full + 1):
+        warnings.warn(f"batch_size={batch_size}: only consecutive samples of equal length are batched (nothing is "
+                      f"padded), so {len(samples)} samples made {len(batches)} batches. For full batches use texts "
+                      f"of at least seq_len={seq_len} tokens (longer ones are cut) or a .txt file (cut into "
+                      f"seq_len chunks)", UserWarning, stacklevel=2)
     return batches
 
 

@@ -134,11 +134,25 @@ def _all_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, s
     return tensors, aliases, non_persistent
 
 
+def hf_weight_files(path) -> list[str]:
+    """The names of a Hugging Face model's weight files in directory ``path`` (none if it does not exist)."""
+    path = Path(path)
+    if not path.is_dir():
+        return []
+    return sorted(p.name for p in path.iterdir() if p.name.startswith(("model.safetensors", "pytorch_model"))
+                  or (p.name.startswith("model-") and p.suffix in (".safetensors", ".bin"))
+                  or p.name in ("tf_model.h5", "flax_model.msgpack"))
+
+
 def save_quantized(model: nn.Module, path) -> Path:
-    """Write the quantized HF ``model`` to directory ``path`` (created if needed). Returns the path."""
+    """Write the quantized HF ``model`` to directory ``path`` (created if needed). Returns the path.
+
+    A ``torch.compile`` wrapper is unwrapped (its module is saved). A directory holding another model's weight
+    files is refused: ``from_pretrained`` would still load those, beside the quantized checkpoint."""
     from safetensors.torch import save_file
 
     from . import __version__
+    model = getattr(model, "_orig_mod", model) if type(model).__name__ == "OptimizedModule" else model
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "save_pretrained"):
         raise ValueError(f"save_quantized needs a Hugging Face model with a config, got {type(model).__name__}")
@@ -151,9 +165,16 @@ def save_quantized(model: nn.Module, path) -> Path:
             raise ValueError(f"save_quantized: {key} shares memory with {aliases[key]}; W8A8 buffers must be their own")
     _check_scales(tensors, table, "save_quantized")
     path = Path(path)
+    weights = hf_weight_files(path)
+    if weights:
+        raise ValueError(f"save_quantized: {path} holds a model's weights ({', '.join(weights[:3])}); save the "
+                         f"quantized model to a directory of its own")
     path.mkdir(parents=True, exist_ok=True)
     (path / QUANT_FILE).unlink(missing_ok=True)  # written last: its presence marks a complete checkpoint
     config.architectures = [type(model).__name__]
+    float_dtypes = [t.dtype for t in model.parameters() if t.is_floating_point()]
+    if float_dtypes:  # the dtype the floating-point rest is stored in (after .half(), say)
+        config.dtype = float_dtypes[0]
     config.save_pretrained(path)
     generation_config = getattr(model, "generation_config", None)
     if generation_config is not None and hasattr(generation_config, "save_pretrained"):
@@ -359,7 +380,8 @@ def load_quantized(path, device=None, verify: bool = True, *, dtype=None):
     Args:
         path: the checkpoint directory.
         device: where the tensors go (default CPU); loaded there directly.
-        verify: check the SHA-256 of the weights file (detects damaged bytes; costs one read of the file).
+        verify: check the SHA-256 of the weights file (detects damaged bytes; costs one read of the file) and
+            of ``config.json`` (False accepts an edited config; shapes are checked against the weights anyway).
         dtype: the floating dtype of the parameters and buffers that stay floating point (embeddings,
             norms, ``lm_head``): ``torch.float16`` / ``bfloat16`` / ``float32`` or its name; None or
             ``"auto"`` keeps the dtypes they were saved in. Each tensor is cast as it is read. The int8
@@ -377,9 +399,11 @@ def load_quantized(path, device=None, verify: bool = True, *, dtype=None):
     meta = read_quantization_config(path)
     if not (path / "config.json").is_file():
         raise CheckpointError(f"{path}: config.json is missing")
-    if _config_digest(path / "config.json") != meta["config_sha256"]:
+    if verify and _config_digest(path / "config.json") != meta["config_sha256"]:
         raise CheckpointError(f"{path}/config.json does not match the quantized weights: it was edited after saving or "
-                              f"belongs to another model (SHA-256 differs from the one recorded in {QUANT_FILE})")
+                              f"belongs to another model (SHA-256 differs from the one recorded in {QUANT_FILE}). "
+                              f"If you edited it on purpose (use_cache, say), load with verify=False: the module "
+                              f"shapes are still checked against the weights")
     weights = path / meta["weights_file"]
     if not weights.is_file():
         raise CheckpointError(f"{path}: weights file {meta['weights_file']!r} is missing")

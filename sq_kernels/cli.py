@@ -98,8 +98,8 @@ def _float(text: str, flag: str) -> float:
 
 
 def _is_text_file(data) -> bool:
-    """Calibration / evaluation data given as a file of text (needs a tokenizer), not token ids."""
-    return isinstance(data, str) and Path(data).suffix.lower() in (".txt", ".jsonl", ".json", ".text", "")
+    """Every --data file holds text (.txt, .jsonl, .json, or any other name, read as text): it needs a tokenizer."""
+    return isinstance(data, str)
 
 
 def _texts_or_path(path: str | None, field: str | None, flag: str):
@@ -123,11 +123,14 @@ def _check_quantize_args(args, config) -> None:
     if out.is_dir() and any(out.iterdir()):
         if not args.overwrite:
             raise ValueError(f"the output directory {args.out} is not empty; choose a new directory or pass --overwrite")
-        weights = sorted(p.name for p in out.iterdir() if p.name.startswith(("model.safetensors", "pytorch_model"))
-                         or p.name in ("model.safetensors.index.json", "tf_model.h5", "flax_model.msgpack"))
+        from .checkpoint import QUANT_FILE, hf_weight_files
+        weights = hf_weight_files(out)
         if weights:  # from_pretrained (and vLLM) would still find these beside the quantized checkpoint
             raise ValueError(f"the output directory {args.out} holds a model's weights ({', '.join(weights[:3])}); "
                              "--overwrite only replaces an earlier quantized checkpoint: choose another directory")
+        if not (out / QUANT_FILE).is_file():  # the user's own files: config.json, tokenizer, notes...
+            raise ValueError(f"the output directory {args.out} is not an earlier quantized checkpoint (it has no "
+                             f"{QUANT_FILE}); --overwrite only replaces one: choose a new or empty directory")
     if args.data is None and args.stats is None:
         raise ValueError("--data is required (calibration text: a local .txt or .jsonl file), unless --stats gives "
                          "statistics collected before")
@@ -504,6 +507,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# API words in messages shared with the Python API, and the flags that mean the same on the command line
+_API_TO_CLI = (("(smooth=False)", "(--no-smooth)"), ("pass tokenizer=", "pass --tokenizer DIR"),
+               ("tokenizer=...", "--tokenizer DIR"), ("read_texts(path, field=...) or the CLI's --text-field",
+                                                      "--text-field"))
+
+
+def _cli_words(message: str) -> str:
+    for api, cli in _API_TO_CLI:
+        message = message.replace(api, cli)
+    return message
+
+
 def main(argv: list[str] | None = None) -> int:
     import warnings
     parser = build_parser()
@@ -515,7 +530,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, OSError) as exc:
-        print(f"sq-kernels {args.command}: error: {exc}", file=sys.stderr)
+        print(f"sq-kernels {args.command}: error: {_cli_words(str(exc))}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # outputs are written last; a checkpoint's sq_quantization.json is its last file
+        print(f"sq-kernels {args.command}: interrupted before it finished; its outputs are absent or incomplete",
+              file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001  (a damaged model file raises the loader's own error types)
+        if type(exc).__name__ != "SafetensorError":
+            raise
+        print(f"sq-kernels {args.command}: error: a weights file is corrupt or truncated: {exc}", file=sys.stderr)
         return 2
     finally:
         warnings.formatwarning = formatwarning

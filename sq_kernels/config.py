@@ -51,7 +51,7 @@ class Scheme:
 
 def check_alpha(alpha, what: str = "alpha") -> None:
     """Reject an alpha outside [0, 1] (or a non-number) with a ValueError naming it."""
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):  # numpy scalars are numbers.Real
         raise ValueError(f"{what} must be a number in [0, 1] or 'auto', got {alpha!r}")
     if not (0.0 <= float(alpha) <= 1.0):
         raise ValueError(f"{what} must lie in [0, 1] (the migration strength), got {alpha}")
@@ -117,8 +117,9 @@ class SmoothQuantConfig:
             raise ValueError(f"local must be a dict {{pattern: 'fp' or {{'weight': ..., 'activation': ...}}}} "
                              f"(fill it with set_local), got {type(self.local).__name__} {self.local!r}")
         self.local = dict(self.local)  # set_local must not write into a dict the caller passed in
-        if self.alpha is not None and self.alpha != "auto":
+        if self.alpha is not None and not (isinstance(self.alpha, str) and self.alpha == "auto"):
             check_alpha(self.alpha)
+            self.alpha = float(self.alpha)  # a numpy scalar becomes a float (the config is saved as JSON)
         if self.scheme not in SCHEMES:
             raise ValueError(f"scheme must be one of {sorted(SCHEMES)}, got {self.scheme!r}")
         self.default_scheme()  # validates weight / activation overrides

@@ -169,6 +169,9 @@ def last_token_accuracy(model: nn.Module, data, tokenizer, *, max_samples: int |
         if not Path(data).is_file():
             raise ValueError(f"data: {str(data)!r} is not a file (pass a local .jsonl / .json file or a list of "
                              f"strings)")
+        if not is_json_file(data):
+            raise ValueError(f"data: {str(data)!r} is not a .jsonl / .json file: last-word accuracy scores one text "
+                             f"per record (a .jsonl line, a .json array element) or a list of strings")
         texts = read_texts(data)
     elif isinstance(data, (list, tuple)) and all(isinstance(t, str) for t in data):
         texts = list(data)

@@ -332,3 +332,22 @@ def test_a_file_that_is_not_utf8_is_named(tmp_path, suffix):
     bad.write_bytes("caf\u00e9 au lait".encode("latin-1"))
     with pytest.raises(ValueError, match=f"latin1\\{suffix} is not UTF-8 text"):
         calibration_samples(str(bad), lambda s: list(s.encode()), 2, 8)
+
+
+def test_batch_size_that_cannot_be_filled_is_warned_about(tokenizer):
+    texts = [" ".join(["word"] * (3 + i)) for i in range(12)]  # every text a different length
+    with pytest.warns(UserWarning, match=r"batch_size=4: only consecutive samples of equal length are batched"):
+        batches = calibration_batches(texts, tokenizer, num_samples=12, seq_len=512, batch_size=4)
+    assert len(batches) == 12
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        batches = calibration_batches(texts, tokenizer, num_samples=12, seq_len=3, batch_size=4)  # all cut to 3
+    assert [b.shape[0] for b in batches] == [4, 4, 4]
+
+
+def test_alpha_may_be_a_numpy_number():
+    import numpy as np
+    from sq_kernels import SmoothQuantConfig
+    config = SmoothQuantConfig(alpha=np.float32(0.5)).validate()
+    assert config.alpha == 0.5 and type(config.alpha) is float
+    json.dumps(config.to_dict())

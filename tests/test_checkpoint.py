@@ -327,3 +327,42 @@ def test_checkpoint_saved_without_table_hash_still_loads(tmp_path):
     loaded = sq.load_quantized(tmp_path)
     x = calib_tokens(2, 16, seed=3)
     assert torch.equal(_logits(loaded, x), _logits(model, x))
+
+
+def test_compiled_model_is_saved_as_its_module(tmp_path):
+    model = _quantized("llama")
+    sq.save_quantized(torch.compile(model), tmp_path)  # nothing is compiled: only the wrapper is unwrapped
+    meta = read_quantization_config(tmp_path)
+    assert meta["architecture"] == "LlamaForCausalLM" and not any(n.startswith("_orig_mod") for n in meta["modules"])
+    x = calib_tokens(2, 8, seed=3)
+    assert torch.equal(_logits(sq.load_quantized(tmp_path), x), _logits(model, x))
+
+
+def test_saving_beside_another_models_weights_is_refused(tmp_path):
+    from sq_kernels.checkpoint import hf_weight_files
+    fp_dir = tmp_path / "fp"
+    make_model("llama").save_pretrained(fp_dir)
+    before = {p.name: p.read_bytes() for p in fp_dir.iterdir()}
+    with pytest.raises(ValueError, match=r"holds a model's weights \(model.safetensors\); save the quantized model"):
+        sq.save_quantized(_quantized("llama"), fp_dir)
+    assert {p.name: p.read_bytes() for p in fp_dir.iterdir()} == before  # its config.json was not replaced
+    (tmp_path / "sharded").mkdir()
+    for name in ("model-00001-of-00002.safetensors", "model-card.md", "tokenizer.json"):
+        (tmp_path / "sharded" / name).write_text("x")
+    assert hf_weight_files(tmp_path / "sharded") == ["model-00001-of-00002.safetensors"]
+
+
+def test_half_model_records_its_dtype_and_an_edited_config_loads_with_verify_false(tmp_path):
+    model = make_model("qwen2").half()
+    sq.smoothquant(model, calib_tokens(), sq.SmoothQuantConfig(progress=False))
+    sq.save_quantized(model, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["dtype"] == "float16"
+    config["use_cache"] = False
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="load with verify=False"):
+        sq.load_quantized(tmp_path)
+    loaded = sq.load_quantized(tmp_path, verify=False)
+    assert loaded.config.use_cache is False
+    x = calib_tokens(2, 8, seed=3)
+    assert torch.equal(_logits(loaded, x), _logits(model, x))

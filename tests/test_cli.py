@@ -129,8 +129,11 @@ def test_quantize_never_writes_into_the_input_model_or_a_non_empty_directory(mod
     err = capsys.readouterr().err
     assert "not empty" in err and "--overwrite" in err
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
-    assert main(["quantize", str(model_dir), str(out), *args, "--overwrite"]) == 0
-    assert (out / "sq_quantization.json").is_file() and (out / "notes.txt").read_text() == "mine"
+    (out / "config.json").write_text('{"mine": true}')  # the user's own files, not a quantized checkpoint
+    assert main(["quantize", str(model_dir), str(out), *args, "--overwrite"]) == 2
+    assert "is not an earlier quantized checkpoint" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "notes.txt"]
+    assert (out / "config.json").read_text() == '{"mine": true}'
 
 
 def test_bad_arguments_are_refused_before_any_model_is_loaded(model_dir, data_files, tmp_path, capsys, monkeypatch):
@@ -278,3 +281,57 @@ def test_text_field_selects_the_json_key(model_dir, tmp_path, capsys):
     assert "--text-field content applies to .jsonl / .json files" in capsys.readouterr().err
     assert main(["eval", str(out), "--ppl", str(txt), "--text-field", "content", "--no-progress"]) == 2
     assert "none of --ppl, --lambada, --sqnr-data is one" in capsys.readouterr().err
+
+
+def test_cli_speaks_in_flags_and_handles_interrupts_and_damaged_files(model_dir, data_files, tmp_path, capsys,
+                                                                     monkeypatch):
+    txt, jsonl = data_files
+    q = tmp_path / "q"
+    args = ["--num-samples", "2", "--seq-len", "32", "--no-progress"]
+    assert main(["quantize", str(model_dir), str(q), "--data", str(txt)] + args) == 0
+    capsys.readouterr()
+    assert main(["eval", str(q), "--lambada", str(txt), "--no-progress"]) == 2  # a .txt given as --lambada
+    assert "is not a .jsonl / .json file: last-word accuracy scores one text per record" in capsys.readouterr().err
+
+    bare = tmp_path / "bare"  # a model directory without a tokenizer, data with an unusual suffix
+    make_model("llama").save_pretrained(bare)
+    csv = tmp_path / "calib.csv"
+    csv.write_text(TEXT)
+    assert main(["calibrate", str(bare), "--data", str(csv), "--out", str(tmp_path / "s.safetensors")] + args) == 2
+    err = capsys.readouterr().err
+    assert "pass --tokenizer DIR" in err and "tokenizer=" not in err
+
+    opt = tmp_path / "opt350"  # post-LN OPT cannot be smoothed: the CLI names its own flag
+    make_model("opt", do_layer_norm_before=False).save_pretrained(opt)
+    assert main(["quantize", str(opt), str(tmp_path / "o"), "--data", str(txt), "--tokenizer", str(model_dir)]
+                + args) == 2
+    err = capsys.readouterr().err
+    assert "--no-smooth" in err and "smooth=False" not in err
+
+    import sq_kernels.api as api
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(api, "collect_act_stats", interrupted)
+    assert main(["quantize", str(model_dir), str(tmp_path / "i"), "--data", str(txt)] + args) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == ("sq-kernels quantize: interrupted before it "
+                                                                "finished; its outputs are absent or incomplete")
+    assert not (tmp_path / "i" / "sq_quantization.json").exists()
+
+    broken = tmp_path / "broken"
+    make_model("llama").save_pretrained(broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:200])
+    assert main(["calibrate", str(broken), "--data", str(txt), "--tokenizer", str(model_dir), "--out",
+                 str(tmp_path / "b.safetensors")] + args) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("sq-kernels calibrate: error: a weights file is corrupt")
+
+
+def test_python_dash_m_runs_the_cli():
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-m", "sq_kernels", "--version"], capture_output=True, text=True,
+                         cwd=root, timeout=120)
+    assert out.returncode == 0 and out.stdout.startswith("sq-kernels ")

@@ -82,7 +82,7 @@ def plan_conversion(root: nn.Module, config: SmoothQuantConfig, stats=None, spec
                 if fnmatch.fnmatchcase(name, pattern) and not _explicitly_local(config, name, module):
                     resolved = f"kept in floating point: {why}"
         if isinstance(resolved, Scheme):
-            problem = (check_linear_shape(module.in_features, module.out_features, name) if kind == "linear"
+            problem = (check_linear_shape(module.in_features, module.out_features, "") if kind == "linear"
                        else fused_experts_problem(module))
             if problem:
                 resolved = problem
@@ -157,6 +157,10 @@ def warn_kept(plan: ConversionPlan) -> None:
     """Warn about every module left in floating point for a reason other than the user's own choice."""
     unaligned = [e for e in plan.kept if "multiple of" in (e.reason or "") or "not supported" in (e.reason or "")]
     if unaligned:
-        lines = "\n  ".join(f"{e.name}: {e.reason}" for e in unaligned[:20])
-        warnings.warn(f"{len(unaligned)} module(s) stay in floating point because the INT8 kernels cannot run them:\n  "
-                      f"{lines}", stacklevel=3)
+        groups: dict[str, list[str]] = {}
+        for e in unaligned:
+            groups.setdefault(e.reason, []).append(e.name)
+        listed = "; ".join(f"{why}: {', '.join(names[:4])}{f' and {len(names) - 4} more' if len(names) > 4 else ''}"
+                           for why, names in groups.items())
+        warnings.warn(f"{len(unaligned)} module(s) stay in floating point because the INT8 kernels cannot run them "
+                      f"({listed})", stacklevel=3)

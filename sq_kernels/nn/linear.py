@@ -22,7 +22,8 @@ def check_linear_shape(in_features: int, out_features: int, what: str = "linear"
     """Why a linear of this shape cannot run on the INT8 kernels (None when it can)."""
     bad = [f"{n}={v}" for n, v in (("in_features", in_features), ("out_features", out_features)) if v % ALIGN]
     if bad:
-        return f"{what}: {' and '.join(bad)} not a multiple of {ALIGN} (the INT8 kernels' alignment)"
+        why = f"{' and '.join(bad)} not a multiple of {ALIGN} (the INT8 kernels' alignment)"
+        return f"{what}: {why}" if what else why
     return None
 
 

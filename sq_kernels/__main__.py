@@ -1,0 +1,6 @@
+"""``python -m sq_kernels ...``: the same as the ``sq-kernels`` command."""
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -47,3 +47,17 @@ def test_moe_experts_are_the_one_graph_break():
         _logits(torch.compile(copy.deepcopy(model), fullgraph=True), x)
     torch._dynamo.reset()
     torch.testing.assert_close(_logits(torch.compile(model), x), eager, rtol=1e-4, atol=1e-4)
+
+
+def test_outside_no_grad_the_forward_works_and_a_backward_refuses_eager_and_compiled():
+    # HF models are often called outside no_grad (their parameters require grad): the W8A8 forward must
+    # work, compiled too, while a backward through the int8 ops fails loudly instead of giving the
+    # silently partial gradient autograd would compute without a formula.
+    model = _quantized("llama", "W8A8")
+    x = calib_tokens(2, 16, seed=3)
+    want = _logits(model, x)
+    for run in (model, torch.compile(model)):
+        out = run(x).logits
+        assert out.requires_grad and torch.allclose(out, want, rtol=0, atol=1e-5)
+        with pytest.raises(RuntimeError, match=r"sq_kernels::\w+ has no backward: the W8A8 ops are for inference"):
+            out.sum().backward()

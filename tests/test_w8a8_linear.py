@@ -217,3 +217,21 @@ def test_experts_errors():
 
 def test_top_level_exports():
     assert sq.W8A8Linear is W8A8Linear and sq.W8A8Experts is W8A8Experts
+
+
+def test_every_op_refuses_a_backward_pass():
+    import warnings
+    x = torch.randn(4, 64, requires_grad=True)
+    calls = {
+        "w8a8 linear fp32": lambda: W8A8Linear.from_linear(nn.Linear(64, 32))(x),
+        "w8a8 linear fp16": lambda: W8A8Linear.from_linear(nn.Linear(64, 32))(x.half()),
+        "quantize_per_token": lambda: ops.quantize_per_token(x)[1],
+        "rms_norm_quant": lambda: ops.rms_norm_quant(x, torch.ones(64))[1],
+    }
+    for what, call in calls.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no "autograd kernel was not registered" warning either
+            out = call()
+        assert out.requires_grad, what
+        with pytest.raises(RuntimeError, match="has no backward"):
+            out.float().sum().backward()

@@ -15,5 +15,73 @@ def define(schema: str, reference, fake) -> None:
     torch.library.register_fake(f"{NAMESPACE}::{name}", fake, lib=lib)
 
 
-def op(name: str):
-    return getattr(getattr(torch.ops, NAMESPACE), name).default
+def _no_backward_message(name: str) -> str:
+    return (f"{NAMESPACE}::{name} has no backward: the W8A8 ops are for inference (int8 rounding has no useful "
+            f"gradient). Run the quantized model under torch.no_grad() or torch.inference_mode(), and train or "
+            f"fine-tune the floating-point model instead")
+
+
+def _raise_no_backward(grad, size, dtype, name):
+    raise RuntimeError(_no_backward_message(name))
+
+
+# The gradient of every input of an sq_kernels op is this op, which raises when it runs. Raising only when
+# it runs (not when a backward graph is traced: its fake returns an empty gradient) keeps torch.compile of a
+# model called outside no_grad working, as HF models are; a real backward pass fails loudly.
+lib.define("_no_backward(Tensor grad, SymInt[] size, ScalarType dtype, str op) -> Tensor")
+lib.impl("_no_backward", _raise_no_backward, "CompositeExplicitAutograd")
+torch.library.register_fake(f"{NAMESPACE}::_no_backward",
+                            lambda grad, size, dtype, name: grad.new_empty(size, dtype=dtype), lib=lib)
+
+
+class _NoBackward(torch.autograd.Function):
+    """An op called on inputs that require grad: the same forward; every floating-point input's gradient is
+    ``_no_backward``, which raises when a backward pass runs it."""
+
+    @staticmethod
+    def forward(ctx, name, overload, *args):
+        ctx.name = name
+        ctx.float_inputs = [(tuple(t.shape), t.dtype) if isinstance(t, torch.Tensor) and t.is_floating_point()
+                            else None for t in args]
+        outs = overload(*args)
+        ctx.mark_non_differentiable(*[t for t in (outs if isinstance(outs, tuple) else (outs,))
+                                      if not t.is_floating_point()])
+        return outs
+
+    @staticmethod
+    def backward(ctx, *grads):
+        grad = next((g for g in grads if g is not None), None)
+        if grad is None:
+            return (None, None) + tuple(None for _ in ctx.float_inputs)
+        return (None, None) + tuple(None if meta is None else
+                                    torch.ops.sq_kernels._no_backward.default(grad, list(meta[0]), meta[1], ctx.name)
+                                    for meta in ctx.float_inputs)
+
+
+class _InferenceOp:
+    """What the wrappers call: the op itself, or, when an input requires grad (an HF model called outside
+    ``no_grad``), the op through ``_NoBackward``. The W8A8 ops are inference ops (int8 rounding has no useful
+    gradient); without this, autograd would differentiate only what it can see (the scales) and give a
+    silently wrong gradient. Checked here in Python rather than by an Autograd kernel in the dispatcher, which
+    would cost every call (also under no_grad) a trip through Python."""
+    __slots__ = ("name", "overload")
+
+    def __init__(self, name: str):
+        self.name = name
+        self.overload = getattr(getattr(torch.ops, NAMESPACE), name).default
+
+    def __call__(self, *args):
+        if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+            return _NoBackward.apply(self.name, self.overload, *args)
+        return self.overload(*args)
+
+
+_OPS: dict[str, _InferenceOp] = {}
+
+
+def op(name: str) -> _InferenceOp:
+    """The callable the wrappers use for ``sq_kernels::<name>`` (see ``_InferenceOp``)."""
+    found = _OPS.get(name)
+    if found is None:
+        found = _OPS[name] = _InferenceOp(name)
+    return found

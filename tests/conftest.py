@@ -39,6 +39,12 @@ def tiny_config(family: str, **overrides):
     elif family == "qwen2":
         cfg = T.Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                             num_key_value_heads=2, max_position_embeddings=128, **common)
+    elif family == "qwen3":
+        cfg = T.Qwen3Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2, head_dim=16, max_position_embeddings=128, **common)
+    elif family == "phi3":
+        cfg = T.Phi3Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=4, max_position_embeddings=128, pad_token_id=0, **common)
     else:
         raise ValueError(family)
     for k, v in overrides.items():

@@ -21,6 +21,8 @@ _REGISTRY: dict[str, str] = {
     "bloom": "sq_kernels.families.bloom",
     "falcon": "sq_kernels.families.falcon",
     "qwen2": "sq_kernels.families.qwen2",
+    "qwen3": "sq_kernels.families.qwen3",
+    "phi3": "sq_kernels.families.phi3",
 }
 _USER: dict[str, "FamilySpec"] = {}
 
@@ -97,7 +99,7 @@ def supported_model_types() -> list[str]:
 
 def supported_families_text() -> str:
     return ("OPT (opt), Llama 1/2/3 (llama), Mistral (mistral), Mixtral (mixtral), BLOOM (bloom), "
-            "Falcon (falcon), Qwen2 (qwen2)" + (f"; registered: {sorted(_USER)}" if _USER else ""))
+            "Falcon (falcon), Qwen2 (qwen2), Qwen3 (qwen3), Phi-3 (phi3)" + (f"; registered: {sorted(_USER)}" if _USER else ""))
 
 
 class UnsupportedModelError(ValueError):

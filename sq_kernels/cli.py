@@ -2,8 +2,9 @@
 
     sq-kernels calibrate MODEL_DIR --data calib.txt --out stats.safetensors
     sq-kernels quantize  MODEL_DIR OUT_DIR --data calib.txt [--alpha 0.85|auto] [--scheme W8A8|O1|O2|O3]
-    sq-kernels eval      MODEL_OR_QUANTIZED_DIR [--reference FP_DIR] [--ppl wiki.txt] [--lambada lambada.jsonl]
+    sq-kernels eval      MODEL_DIR (FP, quantized, or compressed-tensors INT8) [--reference FP_DIR] [--ppl wiki.txt] [--lambada lambada.jsonl]
     sq-kernels info      QUANTIZED_DIR
+    sq-kernels export    QUANTIZED_DIR OUT_DIR      (compressed-tensors: vLLM's INT8 W8A8 format)
     sq-kernels bench     [--arch llama-2-7b] [--layers 4] [--batch 1] [--prompt 512] --device cuda
 
 Models and tokenizers are read from local directories only (nothing is downloaded). Errors print one
@@ -49,10 +50,22 @@ def _check_writable_file(path: str | None, flag: str, overwrite: bool = False) -
         raise ValueError(f"{flag} {path} already exists; choose a new name or pass --overwrite to replace it")
 
 
+def _is_compressed_tensors(path: str) -> bool:
+    try:
+        config = json.loads(Path(path, "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return (config.get("quantization_config") or {}).get("quant_method") == "compressed-tensors"
+
+
 def _load_model(path: str, device: str, dtype: str):
     from .checkpoint import is_quantized_checkpoint, load_quantized
     if is_quantized_checkpoint(path):
         return load_quantized(path, device=device, dtype=dtype)
+    if _is_compressed_tensors(path):  # an INT8 W8A8 export (ours or llm-compressor's): runs on the W8A8 modules
+        from .export import load_compressed_tensors
+        model = load_compressed_tensors(path, device=device)
+        return model if dtype == "auto" else model.to(_dtype(dtype))
     from transformers import AutoModelForCausalLM
     if not Path(path, "config.json").is_file():
         raise ValueError(f"{path} is not a local Hugging Face model directory (no config.json)")
@@ -237,6 +250,22 @@ def cmd_eval(args) -> int:
             print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
     if args.json:
         ev.save_json(results, args.json)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .checkpoint import load_quantized
+    from .export import export_compressed_tensors
+    out = Path(args.out)
+    if out.is_file() or (out.is_dir() and any(out.iterdir())):
+        raise ValueError(f"the output {args.out} is a file or a directory that is not empty; choose a new directory")
+    model = load_quantized(args.checkpoint)
+    export_compressed_tensors(model, out)
+    tokenizer = _load_tokenizer(args.checkpoint, required=False)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    print(f"exported {args.checkpoint} to {args.out} (compressed-tensors, int-quantized: "
+          f"vllm serve {args.out})")
     return 0
 
 
@@ -497,6 +526,11 @@ def build_parser() -> argparse.ArgumentParser:
     runtime(p)
     p.set_defaults(func=cmd_bench, include=[], exclude=["lm_head"], fp=[], no_smooth=False, fold_linear_pairs=False,
                    num_samples=4, seq_len=128, batch_size=1)
+
+    p = sub.add_parser("export", help="write a quantized checkpoint as compressed-tensors (vLLM's INT8 W8A8 format)")
+    p.add_argument("checkpoint", help="a directory written by sq-kernels quantize (or save_quantized)")
+    p.add_argument("out", help="output directory (new or empty)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("info", help="describe a quantized checkpoint")
     p.add_argument("checkpoint", help="a directory written by sq-kernels quantize (or save_quantized)")

@@ -335,3 +335,22 @@ def test_python_dash_m_runs_the_cli():
     out = subprocess.run([sys.executable, "-m", "sq_kernels", "--version"], capture_output=True, text=True,
                          cwd=root, timeout=120)
     assert out.returncode == 0 and out.stdout.startswith("sq-kernels ")
+
+
+def test_export_then_eval_the_compressed_tensors_directory(model_dir, data_files, tmp_path, capsys):
+    txt, _ = data_files
+    q, ct = tmp_path / "q", tmp_path / "ct"
+    assert main(["quantize", str(model_dir), str(q), "--data", str(txt), "--num-samples", "2", "--seq-len", "32",
+                 "--no-progress"]) == 0
+    assert main(["export", str(q), str(ct)]) == 0
+    assert "vllm serve" in capsys.readouterr().out
+    assert (ct / "tokenizer.json").is_file() and (ct / "model.safetensors").is_file()
+    assert json.loads((ct / "config.json").read_text())["quantization_config"]["quant_method"] == "compressed-tensors"
+    results = {}
+    for d in (q, ct):  # the export runs on the same W8A8 modules: the same perplexity
+        out = tmp_path / f"{d.name}.json"
+        assert main(["eval", str(d), "--ppl", str(txt), "--seq-len", "64", "--no-progress", "--json", str(out)]) == 0
+        results[d.name] = json.loads(out.read_text())["model_perplexity"]
+    assert results["q"] == results["ct"]
+    assert main(["export", str(q), str(ct)]) == 2  # never into a directory that is not empty
+    assert "not empty" in capsys.readouterr().err

@@ -1,0 +1,221 @@
+"""Export a W8A8 model as a ``compressed-tensors`` checkpoint (format ``int-quantized``), the layout
+llm-compressor writes and vLLM serves on its INT8 W8A8 path.
+
+The directory holds ``config.json`` with a ``quantization_config`` (``quant_method: compressed-tensors``),
+``model.safetensors`` with the usual HF tensor names, and ``generation_config.json``. Each W8A8 linear
+``name`` becomes::
+
+    name.weight        int8 [N, K]          (the nn.Linear layout)
+    name.weight_scale  float32 [N, 1]       per channel ("strategy": "channel"), or [1] per tensor ("tensor")
+    name.input_scale   float32 [1]          static activations only ("strategy": "tensor", "dynamic": false)
+    name.bias          float32 [N]          when the linear has one (loaders cast it to the model's dtype)
+
+Per-token dynamic activations are ``"strategy": "token", "dynamic": true``. Linears kept in floating point
+are listed in ``ignore``. The smoothing is already folded into the norms and weights, so it needs no entry.
+
+What cannot be expressed is refused with the reason: per-tensor *dynamic* activations (vLLM's INT8 path
+takes per-token dynamic or per-tensor static), fused MoE experts, and a mix of schemes across linears.
+The file layout follows vLLM's ``CompressedTensorsW8A8Int8`` scheme; vLLM itself is not installed here, so
+the tests check the layout and that dequantizing it gives back this model's weights and scales exactly.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .checkpoint import CheckpointError, _all_tensors, check_device
+from .nn import W8A8Experts, W8A8Linear
+
+WEIGHTS = {"per_channel": "channel", "per_tensor": "tensor"}
+ACTIVATIONS = {"per_token": ("token", True), "static": ("tensor", False)}
+
+
+def _args(strategy: str, dynamic: bool, observer: str) -> dict:
+    return {"num_bits": 8, "type": "int", "symmetric": True, "strategy": strategy, "dynamic": dynamic,
+            "group_size": None, "block_structure": None, "actorder": None, "observer": observer,
+            "observer_kwargs": {}}
+
+
+def quantization_config(model: nn.Module) -> dict:
+    """The ``quantization_config`` entry of ``config.json`` for ``model`` (its W8A8 linears and the linears it
+    keeps in floating point); a ValueError names what compressed-tensors cannot express."""
+    experts = [n for n, m in model.named_modules() if isinstance(m, W8A8Experts)]
+    if experts:
+        raise ValueError(f"export: fused MoE experts ({experts[0]}, ...) have no compressed-tensors layout here; "
+                         f"quantize the model with the experts kept in floating point (set_local('*experts', 'fp'))"
+                         f" to export it")
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, W8A8Linear)}
+    if not linears:
+        raise ValueError("export: the model has no W8A8 linears; quantize it first")
+    schemes = {(m.weight_granularity, m.activation) for m in linears.values()}
+    if len(schemes) > 1:
+        raise ValueError(f"export: the linears use {len(schemes)} different schemes {sorted(schemes)}; the export "
+                         f"writes one config group, so quantize with one scheme")
+    weight, activation = schemes.pop()
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"export: activation={activation!r} (per-tensor dynamic) has no kernel on vLLM's INT8 path, "
+                         f"which takes per-token dynamic or per-tensor static activations (schemes W8A8, O1, O3)")
+    strategy, dynamic = ACTIVATIONS[activation]
+    ignore = sorted(n for n, m in model.named_modules() if type(m) is nn.Linear)
+    return {
+        "quant_method": "compressed-tensors",
+        "format": "int-quantized",
+        "quantization_status": "compressed",
+        "config_groups": {"group_0": {
+            "targets": ["Linear"],
+            "weights": _args(WEIGHTS[weight], False, "minmax"),
+            "input_activations": _args(strategy, dynamic, "memoryless" if dynamic else "minmax"),
+            "output_activations": None,
+        }},
+        "ignore": ignore,
+        "kv_cache_scheme": None,
+        "sparsity_config": {},
+    }
+
+
+def export_compressed_tensors(model: nn.Module, path) -> Path:
+    """Write the W8A8 ``model`` (from ``smoothquant`` / ``quantize_`` or ``load_quantized``) to the new or
+    empty directory ``path`` as a compressed-tensors checkpoint. Returns the path."""
+    from safetensors.torch import save_file
+    model = getattr(model, "_orig_mod", model) if type(model).__name__ == "OptimizedModule" else model
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "to_dict"):
+        raise ValueError(f"export needs a Hugging Face model with a config, got {type(model).__name__}")
+    qconfig = quantization_config(model)
+    path = Path(path)
+    if path.is_file() or (path.is_dir() and any(path.iterdir())):
+        raise ValueError(f"export: {path} is a file or a directory that is not empty; choose a new directory")
+    tensors, _aliases, non_persistent = _all_tensors(model)  # tied weights stored once, as HF does
+    for key in non_persistent:  # rotary tables and the like: rebuilt by the model, not part of a checkpoint
+        tensors.pop(key, None)
+    float_dtypes = [t.dtype for t in model.parameters() if t.is_floating_point()]
+    dtype = float_dtypes[0] if float_dtypes else torch.float16
+    for name, m in model.named_modules():
+        if isinstance(m, W8A8Linear):
+            if m.weight_granularity == "per_channel":
+                tensors[f"{name}.weight_scale"] = tensors[f"{name}.weight_scale"].reshape(-1, 1).contiguous()
+    path.mkdir(parents=True, exist_ok=True)
+    exported = json.loads(config.to_json_string())
+    exported["architectures"] = [type(model).__name__]
+    exported["dtype"] = exported["torch_dtype"] = str(dtype).removeprefix("torch.")  # transformers 5 / 4
+    exported["quantization_config"] = qconfig
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None and hasattr(generation_config, "save_pretrained"):
+        generation_config.save_pretrained(path)
+    # config.json last: until it is there, the directory is not a model anything would load
+    (path / "config.json").write_text(json.dumps(exported, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return path
+
+
+def _ignored(name: str, ignore) -> bool:
+    import re
+    return any(re.fullmatch(p[3:], name) if p.startswith("re:") else name == p for p in ignore)
+
+
+def _scheme_of(group: dict, where: str) -> tuple[str, str]:
+    """``(weight, activation)`` of a config group, or a CheckpointError naming what is not W8A8 INT8 here."""
+    w, a = group.get("weights") or {}, group.get("input_activations") or {}
+    for what, args in (("weights", w), ("input_activations", a)):
+        if args.get("num_bits") != 8 or args.get("type") != "int" or not args.get("symmetric", False):
+            raise CheckpointError(f"{where}: {what} are not symmetric 8-bit integers ({args}); sq_kernels runs "
+                                  f"symmetric INT8 W8A8 only")
+    weight = {v: k for k, v in WEIGHTS.items()}.get(w.get("strategy"))
+    activation = {v: k for k, v in ACTIVATIONS.items()}.get((a.get("strategy"), bool(a.get("dynamic"))))
+    if weight is None or activation is None or w.get("dynamic"):
+        raise CheckpointError(f"{where}: weights {w.get('strategy')!r} / activations {a.get('strategy')!r} "
+                              f"(dynamic={a.get('dynamic')}) is not a scheme sq_kernels runs (weights channel or "
+                              f"tensor; activations token-dynamic or tensor-static)")
+    return weight, activation
+
+
+def load_compressed_tensors(path, device=None) -> nn.Module:
+    """Load a compressed-tensors INT8 W8A8 checkpoint (``format: int-quantized``, as written by
+    ``export_compressed_tensors`` or llm-compressor's W8A8 INT8 schemes) into its HF class with
+    ``W8A8Linear`` modules, so it runs on the sq_kernels ops. One config group targeting ``Linear``, symmetric
+    INT8 weights (channel / tensor) and activations (token-dynamic / tensor-static); anything else is a
+    ``CheckpointError`` naming it."""
+    import transformers
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+    path = Path(path)
+    device = check_device(device)
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise CheckpointError(f"{path}: config.json is missing")
+    q = json.loads(config_file.read_text(encoding="utf-8")).get("quantization_config") or {}
+    if q.get("quant_method") != "compressed-tensors":
+        raise CheckpointError(f"{path}: config.json has no compressed-tensors quantization_config "
+                              f"(quant_method={q.get('quant_method')!r})")
+    if q.get("format") != "int-quantized":
+        raise CheckpointError(f"{path}: format {q.get('format')!r}; sq_kernels reads 'int-quantized' (int8 tensors "
+                              f"stored as they are)")
+    groups = q.get("config_groups") or {}
+    if len(groups) != 1 or list(groups.values())[0].get("targets") != ["Linear"]:
+        raise CheckpointError(f"{path}: {len(groups)} config groups with targets "
+                              f"{[g.get('targets') for g in groups.values()]}; sq_kernels reads one group targeting "
+                              f"['Linear']")
+    weight, activation = _scheme_of(list(groups.values())[0], str(config_file))
+    ignore = q.get("ignore") or []
+    config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the model is built from the plain config; the W8A8 modules go in below
+    cls = getattr(transformers, (config.architectures or [""])[0], None)
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        raise CheckpointError(f"{path}: config.json names architectures {config.architectures}, which this "
+                              f"transformers ({transformers.__version__}) does not have")
+    files = sorted(path.glob("model*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{path}: no model*.safetensors file")
+    with torch.device("meta"):
+        model = cls(config)
+    for name, m in list(model.named_modules()):
+        if type(m) is nn.Linear and not _ignored(name, ignore):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child,
+                    W8A8Linear(m.in_features, m.out_features, m.bias is not None, weight, activation, device="meta"))
+    state = {}
+    for f in files:
+        state.update(load_file(str(f), device=str(device)))
+    for name, m in model.named_modules():
+        if isinstance(m, W8A8Linear):
+            for key in (f"{name}.weight_scale", f"{name}.input_scale", f"{name}.bias"):
+                if key in state:
+                    state[key] = state[key].reshape(-1).to(torch.float32).contiguous()
+    expected = model.state_dict()
+    tied = getattr(config, "tie_word_embeddings", False) and "lm_head.weight" in expected \
+        and "lm_head.weight" not in state
+    missing = sorted(set(expected) - set(state) - ({"lm_head.weight"} if tied else set()))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: the weights do not match {cls.__name__} with W8A8 linears: missing "
+                              f"{missing[:6]}, unexpected {unexpected[:6]}")
+    for key, t in state.items():
+        if tuple(t.shape) != tuple(expected[key].shape):
+            raise CheckpointError(f"{key}: stored shape {tuple(t.shape)}, the model expects {tuple(expected[key].shape)}")
+    model.load_state_dict(state, strict=False, assign=True)
+    if tied:
+        model.tie_weights()
+    for owner_name, owner in model.named_modules():  # non-persistent buffers (rotary tables): rebuild them
+        if any(b is not None and b.is_meta for b in owner._buffers.values()):
+            try:
+                with torch.device(device):
+                    fresh = type(owner)(config=model.config)
+            except TypeError as exc:
+                raise CheckpointError(f"{owner_name}: its buffers are not stored in a checkpoint and "
+                                      f"{type(owner).__name__}(config=...) cannot rebuild them: {exc}") from None
+            for b, value in fresh._buffers.items():
+                if owner._buffers.get(b) is not None and owner._buffers[b].is_meta:
+                    owner._buffers[b] = value
+    still_meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if still_meta:
+        raise CheckpointError(f"{path}: tensors left unset: {still_meta[:6]}")
+    if (path / "generation_config.json").is_file():
+        model.generation_config = transformers.GenerationConfig.from_pretrained(str(path), local_files_only=True)
+    return model.eval()
+
+
+__all__ = ["export_compressed_tensors", "load_compressed_tensors", "quantization_config"]

@@ -1,0 +1,91 @@
+"""compressed-tensors export (the layout vLLM's INT8 W8A8 path and llm-compressor use) and import: the
+layout is checked field by field, and export -> import gives back the same W8A8 model, bitwise."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import sq_kernels as sq
+from sq_kernels.checkpoint import CheckpointError
+from sq_kernels.export import export_compressed_tensors, load_compressed_tensors
+from sq_kernels.nn import W8A8Linear
+
+from conftest import calib_tokens, make_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _quantized(family="llama", **cfg):
+    model = make_model(family)
+    sq.smoothquant(model, calib_tokens(), sq.SmoothQuantConfig(progress=False, **cfg))
+    return model
+
+
+def _logits(model, x):
+    with torch.no_grad():
+        return model(x).logits
+
+
+@pytest.mark.parametrize("family,scheme", [("llama", "W8A8"), ("opt", "O3"), ("qwen2", "O1")])
+def test_export_layout_and_round_trip(family, scheme, tmp_path):
+    model = _quantized(family, scheme=scheme)
+    export_compressed_tensors(model, tmp_path / "ct")
+    config = json.loads((tmp_path / "ct" / "config.json").read_text())
+    q = config["quantization_config"]
+    assert (q["quant_method"], q["format"], q["quantization_status"]) == ("compressed-tensors", "int-quantized",
+                                                                          "compressed")
+    group = q["config_groups"]["group_0"]
+    weights, acts = group["weights"], group["input_activations"]
+    assert group["targets"] == ["Linear"] and q["ignore"] == ["lm_head"]
+    assert (weights["num_bits"], weights["type"], weights["symmetric"], weights["dynamic"]) == (8, "int", True, False)
+    assert weights["strategy"] == ("channel" if scheme == "W8A8" else "tensor")
+    assert (acts["strategy"], acts["dynamic"]) == (("tensor", False) if scheme == "O3" else ("token", True))
+    tensors = load_file(str(tmp_path / "ct" / "model.safetensors"))
+    for name, m in model.named_modules():
+        if isinstance(m, W8A8Linear):
+            assert tensors[f"{name}.weight"].dtype == torch.int8
+            assert torch.equal(tensors[f"{name}.weight"], m.weight)
+            scale = tensors[f"{name}.weight_scale"]
+            assert scale.dtype == torch.float32
+            assert scale.shape == ((m.out_features, 1) if scheme == "W8A8" else (1,))
+            assert (f"{name}.input_scale" in tensors) == (scheme == "O3")
+    assert not any("inv_freq" in k for k in tensors)  # non-persistent buffers are not part of a checkpoint
+    loaded = load_compressed_tensors(tmp_path / "ct")
+    assert type(loaded) is type(model)
+    x = calib_tokens(2, 16, seed=3)
+    assert torch.equal(_logits(loaded, x), _logits(model, x))
+
+
+def test_export_refuses_what_it_cannot_express(tmp_path):
+    with pytest.raises(ValueError, match="per-tensor dynamic"):
+        export_compressed_tensors(_quantized(scheme="O2"), tmp_path / "a")
+    with pytest.raises(ValueError, match="fused MoE experts"):
+        export_compressed_tensors(_quantized("mixtral"), tmp_path / "b")
+    mixed = make_model("llama")
+    config = sq.SmoothQuantConfig(progress=False).set_local("*.down_proj", weight="per_tensor")
+    sq.smoothquant(mixed, calib_tokens(), config)
+    with pytest.raises(ValueError, match="2 different schemes"):
+        export_compressed_tensors(mixed, tmp_path / "c")
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not empty"):
+        export_compressed_tensors(_quantized(), tmp_path / "d")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_import_refuses_other_formats(tmp_path):
+    export_compressed_tensors(_quantized(), tmp_path)
+    config_file = tmp_path / "config.json"
+    original = json.loads(config_file.read_text())
+    for change, message in [
+        (lambda q: q.update(format="pack-quantized"), "format 'pack-quantized'"),
+        (lambda q: q["config_groups"]["group_0"]["weights"].update(num_bits=4), "not symmetric 8-bit integers"),
+        (lambda q: q["config_groups"]["group_0"]["input_activations"].update(strategy="tensor"), "not a scheme"),
+        (lambda q: q.update(quant_method="gptq"), "no compressed-tensors quantization_config"),
+    ]:
+        edited = json.loads(json.dumps(original))
+        change(edited["quantization_config"])
+        config_file.write_text(json.dumps(edited))
+        with pytest.raises(CheckpointError, match=message):
+            load_compressed_tensors(tmp_path)

@@ -10,7 +10,8 @@ smoothing ``max|X_j / s_j|`` follows from them exactly (``ActStats.scaled``).
 Data: a tensor of token ids (``[T]`` cut into ``seq_len`` chunks, or ``[B, T]`` rows), a tokenizer's
 output (``{"input_ids": ...}``, e.g. a ``BatchEncoding``: one text is cut into ``seq_len`` chunks like
 ``[T]``, several are rows; padding is dropped using its ``attention_mask``), a list of token tensors /
-id lists / such dicts / strings (strings need a tokenizer), or the path of a local ``.txt`` file
+id lists / such dicts / strings / records ``{"text": str}`` (text needs a tokenizer), any other iterable of
+those (a generator, a ``datasets.Dataset``: read only up to ``num_samples``), or the path of a local ``.txt`` file
 (tokenized and cut into ``seq_len`` chunks), ``.jsonl`` file (one sample per line, a string or an object
 with a string field ``"text"``) or ``.json`` file (an array of such values). Samples are taken in order
 (deterministic); samples of equal length are batched, nothing is padded. When a text file or a 1-D token
@@ -363,6 +364,12 @@ def _warn_little_data(samples: list[torch.Tensor], num_samples: int, seq_len: in
                   UserWarning, stacklevel=3)
 
 
+def _is_record_iterable(data) -> bool:
+    """An iterable of samples other than a list / tuple: a generator, a ``datasets.Dataset`` (rows are
+    dicts), any other iterable that is not itself a string, tensor, mapping or path."""
+    return (hasattr(data, "__iter__") and not isinstance(data, (str, bytes, os.PathLike, Mapping, torch.Tensor)))
+
+
 def calibration_samples(data, tokenizer=None, num_samples: int = 128, seq_len: int = 512) -> list[torch.Tensor]:
     """Normalise ``data`` (see the module docstring) into at most ``num_samples`` 1-D LongTensors of at
     most ``seq_len`` tokens each. Warns (``UserWarning``) when a text file or a 1-D token stream gives fewer
@@ -401,17 +408,20 @@ def calibration_samples(data, tokenizer=None, num_samples: int = 128, seq_len: i
             samples = [row[:seq_len].long() for row in data[:num_samples]]
         else:
             raise ValueError(f"data: a token tensor must be [T] or [B, T], got shape {tuple(data.shape)}")
-    elif isinstance(data, (list, tuple)):
+    elif isinstance(data, (list, tuple)) or _is_record_iterable(data):
         samples = []
-        for i, item in enumerate(data):
+        for i, item in enumerate(data):  # a generator or a datasets.Dataset is read only as far as needed
             if len(samples) >= num_samples:
                 break
             if isinstance(item, str):
                 rows = [_encode(tokenizer, item)]
+            elif isinstance(item, Mapping) and "input_ids" not in item and isinstance(item.get("text"), str):
+                rows = [_encode(tokenizer, item["text"])]  # a record {"text": ...}, as a datasets row is
             elif isinstance(item, Mapping):
                 if "input_ids" not in item:
-                    raise ValueError(f"data[{i}]: a dict (tokenizer output) must hold 'input_ids', got keys "
-                                     f"{list(item.keys())}")
+                    raise ValueError(f"data[{i}]: a dict must hold 'input_ids' (a tokenizer's output) or a string "
+                                     f"'text' (a record), got keys {list(item.keys())}; for another text field "
+                                     f"pass [r[field] for r in records]")
                 rows = _unpadded_rows(item, f"data[{i}]")
             elif isinstance(item, torch.Tensor) or (isinstance(item, (list, tuple))
                                                     and all(isinstance(v, int) for v in item)):

@@ -351,3 +351,28 @@ def test_alpha_may_be_a_numpy_number():
     config = SmoothQuantConfig(alpha=np.float32(0.5)).validate()
     assert config.alpha == 0.5 and type(config.alpha) is float
     json.dumps(config.to_dict())
+
+
+def test_records_generators_and_dataset_like_iterables(tokenizer):
+    texts = ["one two three", "four five", "six seven eight nine"]
+    want = [tokenizer(t)["input_ids"] for t in texts]
+    records = [{"text": t, "id": i} for i, t in enumerate(texts)]
+    assert [s.tolist() for s in calibration_samples(records, tokenizer, num_samples=3)] == want
+
+    consumed = []
+
+    def stream():  # an endless generator: only num_samples items are read
+        i = 0
+        while True:
+            consumed.append(i)
+            yield texts[i % 3]
+            i += 1
+    assert [s.tolist() for s in calibration_samples(stream(), tokenizer, num_samples=2)] == want[:2]
+    assert len(consumed) <= 3
+
+    class Rows:  # what a datasets.Dataset looks like to us: iterable, rows are dicts
+        def __iter__(self):
+            return iter(records)
+    assert [s.tolist() for s in calibration_samples(Rows(), tokenizer, num_samples=3)] == want
+    with pytest.raises(ValueError, match=r"data\[0\]: a dict must hold 'input_ids' .* or a string 'text'"):
+        calibration_samples([{"content": "x"}], tokenizer)

@@ -315,10 +315,12 @@ def check_device(device, what: str = "device") -> torch.device:
     return dev
 
 
-def _build_skeleton(path: Path, meta: dict):
+def _build_skeleton(path: Path, meta: dict, attn_implementation: str | None = None):
     import transformers
     from transformers import AutoConfig
     config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    if attn_implementation is not None:  # checked by transformers when the model is built: a ValueError
+        config._attn_implementation = attn_implementation
     if meta.get("model_type") and config.model_type != meta["model_type"]:
         raise CheckpointError(f"config.json is a {config.model_type!r} config but the weights were saved from a "
                               f"{meta['model_type']!r} model")
@@ -374,7 +376,7 @@ def _kept_float32(model: nn.Module) -> set[str]:
             for b in m.FLOAT32_BUFFERS}
 
 
-def load_quantized(path, device=None, verify: bool = True, *, dtype=None):
+def load_quantized(path, device=None, verify: bool = True, *, dtype=None, attn_implementation: str | None = None):
     """Load a checkpoint written by ``save_quantized`` into its HF class with W8A8 modules.
 
     Args:
@@ -387,6 +389,8 @@ def load_quantized(path, device=None, verify: bool = True, *, dtype=None):
             ``"auto"`` keeps the dtypes they were saved in. Each tensor is cast as it is read. The int8
             weights and the float32 scales and biases of the W8A8 modules are never cast, and neither are
             non-persistent buffers such as rotary frequencies (as ``from_pretrained(dtype=...)`` leaves them).
+        attn_implementation: as for ``from_pretrained`` (``"eager"``, ``"sdpa"``, ...); None: transformers'
+            default. The attention softmax stays in floating point either way.
 
     Returns:
         The model in eval mode. Raises ``CheckpointError`` (a ValueError) for a checkpoint that is not
@@ -409,7 +413,7 @@ def load_quantized(path, device=None, verify: bool = True, *, dtype=None):
         raise CheckpointError(f"{path}: weights file {meta['weights_file']!r} is missing")
     if verify and meta.get("weights_sha256") and _sha256_file(weights) != meta["weights_sha256"]:
         raise CheckpointError(f"{weights} is corrupt: its SHA-256 differs from the one recorded when it was saved")
-    model = _build_skeleton(path, meta)
+    model = _build_skeleton(path, meta, attn_implementation)
     expected_state = model.state_dict(keep_vars=True)
     non_persistent = set(meta.get("non_persistent_buffers", []))
     aliases = dict(meta.get("tied", {}))

@@ -284,6 +284,17 @@ def cmd_info(args) -> int:
     for key, n in schemes.items():
         print(f"  {n} x {key}")
     quant = meta.get("quantization")
+    kept = quant.get("kept") if isinstance(quant, dict) else None
+    if isinstance(kept, dict) and kept:
+        names = list(kept)
+        print(f"  kept in floating point: {len(names)} ({', '.join(names[:4])}{', ...' if len(names) > 4 else ''})")
+    try:
+        stored = json.loads(Path(args.checkpoint, "config.json").read_text(encoding="utf-8"))
+        dtype = stored.get("dtype") or stored.get("torch_dtype")
+    except (OSError, ValueError):
+        dtype = None
+    if dtype:
+        print(f"  floating-point rest stored as {dtype}")
     smoothing = quant.get("smoothing") if isinstance(quant, dict) else None
     alphas = smoothing.get("alphas") if isinstance(smoothing, dict) else None
     if isinstance(alphas, dict) and alphas:

@@ -366,3 +366,15 @@ def test_half_model_records_its_dtype_and_an_edited_config_loads_with_verify_fal
     assert loaded.config.use_cache is False
     x = calib_tokens(2, 8, seed=3)
     assert torch.equal(_logits(loaded, x), _logits(model, x))
+
+
+def test_attention_implementation_is_chosen_at_load(tmp_path):
+    model = _quantized("llama")
+    sq.save_quantized(model, tmp_path)
+    x = calib_tokens(2, 8, seed=3)
+    for impl in ("eager", "sdpa"):
+        loaded = sq.load_quantized(tmp_path, attn_implementation=impl)
+        assert loaded.config._attn_implementation == impl
+        assert torch.allclose(_logits(loaded, x), _logits(model, x), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="bogus"):
+        sq.load_quantized(tmp_path, attn_implementation="bogus")

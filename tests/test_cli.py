@@ -48,6 +48,7 @@ def test_quantize_info_eval(model_dir, data_files, tmp_path, capsys):
     assert main(["info", str(out)]) == 0
     info = capsys.readouterr().out
     assert "LlamaForCausalLM" in info and "linear: w8 per_channel / a8 per_token" in info and "layers.0=0.8" in info
+    assert "kept in floating point: 3 (" in info and "lm_head" in info and "stored as float32" in info
 
     results = tmp_path / "eval.json"
     rc = main(["eval", str(out), "--reference", str(model_dir), "--ppl", str(txt), "--lambada", str(jsonl),

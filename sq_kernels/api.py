@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from .calibration import ActStats, calibration_batches, check_in_memory, check_stats_source, collect_act_stats
+from .calibration import (ActStats, calibration_batches, check_in_memory, check_stats_match_smoothing,
+                          check_stats_source, collect_act_stats)
 from .checkpoint import guard_hf_saving
 from .config import SmoothQuantConfig, as_config, pattern_matches
 from .families import UnsupportedModelError, family_of
@@ -123,12 +124,8 @@ def _quantize(model: nn.Module, config: SmoothQuantConfig | None, stats: ActStat
     check_in_memory(model, "quantize_")
     if stats is not None:
         check_stats_source(model, stats, "quantize_")
-        if (config.needs_static_scales() and getattr(model, "sq_smoothing", None)
-                and getattr(stats, "meta", {}).get("smoothed") is False):
-            raise ValueError("quantize_: the model was smoothed, and these statistics were collected before that: "
-                             "static activation scales from them would miss the smoothing factors. Pass the "
-                             "statistics after smoothing: report = smooth_(...); quantize_(model, config, "
-                             "report.stats) (or collect statistics on the smoothed model)")
+        if config.needs_static_scales():  # only static scales are read from the statistics
+            check_stats_match_smoothing(model, stats, "quantize_")
     spec = _family_or_none(model, config)
     plan = plan_conversion(model, config, stats, spec)
     if warn_patterns:

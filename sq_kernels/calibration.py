@@ -663,7 +663,7 @@ def collect_act_stats(model, data, tokenizer=None, *, num_samples: int = 128, se
     meta = {"model_type": getattr(getattr(model, "config", None), "model_type", None),
             "model_class": type(model).__name__, "num_batches": len(batches),
             "num_samples": sum(b.shape[0] for b in batches), "num_tokens": sum(b.numel() for b in batches),
-            "seq_len": seq_len, "smoothed": bool(getattr(model, "sq_smoothing", None))}
+            "seq_len": seq_len, "smoothed": is_smoothed(model)}
     never = sorted(set(targets) - set(absmax))
     if never:
         meta["never_called"] = never
@@ -689,3 +689,27 @@ def check_in_memory(model, what: str) -> None:
         raise ValueError(f"{what}: {len(on_meta)} weights of the model are on the meta device (e.g. {on_meta[0]!r}): "
                          f"it was loaded with offloading (device_map=... with 'disk' or 'cpu' offload). Load it "
                          f"entirely onto one device (device_map=None, or a single GPU) to smooth and quantize it")
+
+
+def is_smoothed(model) -> bool:
+    """Whether ``smooth_`` ran on ``model``: recorded on the model and in its config (``sq_smoothed``), so that
+    it survives ``save_pretrained`` / ``from_pretrained``."""
+    return bool(getattr(model, "sq_smoothing", None) or getattr(getattr(model, "config", None), "sq_smoothed", None))
+
+
+def check_stats_match_smoothing(model, stats, what: str) -> None:
+    """Statistics describe the activations of the model they were collected on: refuse them where they
+    describe the model before or after a smoothing that it has not had (``stats.meta["smoothed"]``; absent
+    in files saved before it was recorded, which are not judged)."""
+    recorded = stats.meta.get("smoothed") if isinstance(getattr(stats, "meta", None), dict) else None
+    if recorded is None:
+        return
+    smoothed = is_smoothed(model)
+    if smoothed and recorded is False:
+        raise ValueError(f"{what}: the model was smoothed, and these statistics were collected before that, on the "
+                         f"original model: the activations they describe are gone (smoothing again would scale the "
+                         f"same channels twice; static scales would miss the smoothing factors). Use the statistics "
+                         f"after smoothing (the SmoothReport's .stats), or collect statistics on the smoothed model")
+    if not smoothed and recorded is True:
+        raise ValueError(f"{what}: these statistics describe a smoothed model (a SmoothReport's .stats, or collected "
+                         f"after smoothing), and this model has not been smoothed: collect statistics on this model")

@@ -42,14 +42,27 @@ def _args(strategy: str, dynamic: bool, observer: str) -> dict:
 def quantization_config(model: nn.Module) -> dict:
     """The ``quantization_config`` entry of ``config.json`` for ``model`` (its W8A8 linears and the linears it
     keeps in floating point); a ValueError names what compressed-tensors cannot express."""
-    experts = [n for n, m in model.named_modules() if isinstance(m, W8A8Experts)]
-    if experts:
-        raise ValueError(f"export: fused MoE experts ({experts[0]}, ...) have no compressed-tensors layout here; "
-                         f"quantize the model with the experts kept in floating point (set_local('*experts', 'fp'))"
-                         f" to export it")
+    experts = [n for n, m in model.named_modules() if isinstance(m, W8A8Experts)
+               or getattr(getattr(m, "gate_up_proj", None), "dim", lambda: 0)() == 3]
+    if experts:  # transformers 5 keeps experts fused in memory and converts their names when it saves
+        raise ValueError(f"export: MoE experts ({experts[0]}, ...) have no compressed-tensors layout here "
+                         f"(quantized or not): mixture-of-experts models cannot be exported yet")
     linears = {n: m for n, m in model.named_modules() if isinstance(m, W8A8Linear)}
     if not linears:
         raise ValueError("export: the model has no W8A8 linears; quantize it first")
+    if any(n == "lm_head" or n.endswith(".lm_head") for n in linears):
+        raise ValueError("export: lm_head is quantized, and vLLM keeps the output head in floating point (it has "
+                         "no quantized head to load it into): quantize with lm_head excluded (the default)")
+    fp = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    for fused in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")):
+        for name in linears:
+            parent, _, child = name.rpartition(".")
+            if child in fused:
+                kept = [f"{parent}.{c}" for c in fused if f"{parent}.{c}" in fp]
+                if kept:
+                    raise ValueError(f"export: vLLM fuses {', '.join(fused)} into one layer, which needs one scheme, "
+                                     f"but {name} is quantized and {kept[0]} is kept in floating point: keep all of "
+                                     f"them or none")
     schemes = {(m.weight_granularity, m.activation) for m in linears.values()}
     if len(schemes) > 1:
         raise ValueError(f"export: the linears use {len(schemes)} different schemes {sorted(schemes)}; the export "
@@ -59,7 +72,7 @@ def quantization_config(model: nn.Module) -> dict:
         raise ValueError(f"export: activation={activation!r} (per-tensor dynamic) has no kernel on vLLM's INT8 path, "
                          f"which takes per-token dynamic or per-tensor static activations (schemes W8A8, O1, O3)")
     strategy, dynamic = ACTIVATIONS[activation]
-    ignore = sorted(n for n, m in model.named_modules() if type(m) is nn.Linear)
+    ignore = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear))  # FalconLinear too
     return {
         "quant_method": "compressed-tensors",
         "format": "int-quantized",
@@ -112,8 +125,9 @@ def export_compressed_tensors(model: nn.Module, path) -> Path:
 
 
 def _ignored(name: str, ignore) -> bool:
+    """compressed-tensors' rule: an exact name, or ``re:PATTERN`` matched at the start of the name (re.match)."""
     import re
-    return any(re.fullmatch(p[3:], name) if p.startswith("re:") else name == p for p in ignore)
+    return any(re.match(p[3:], name) if p.startswith("re:") else name == p for p in ignore)
 
 
 def _scheme_of(group: dict, where: str) -> tuple[str, str]:
@@ -167,13 +181,21 @@ def load_compressed_tensors(path, device=None) -> nn.Module:
     if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
         raise CheckpointError(f"{path}: config.json names architectures {config.architectures}, which this "
                               f"transformers ({transformers.__version__}) does not have")
-    files = sorted(path.glob("model*.safetensors"))
-    if not files:
-        raise CheckpointError(f"{path}: no model*.safetensors file")
+    index = path / "model.safetensors.index.json"
+    if index.is_file():  # the shards the index names, and only those (a stale model.safetensors is not read)
+        try:
+            files = sorted({path / f for f in json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()})
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{index}: not a safetensors index ({exc})") from None
+    else:
+        files = [path / "model.safetensors"]
+    missing_files = [f.name for f in files if not f.is_file()]
+    if missing_files:
+        raise CheckpointError(f"{path}: weight files missing: {missing_files[:4]}")
     with torch.device("meta"):
         model = cls(config)
     for name, m in list(model.named_modules()):
-        if type(m) is nn.Linear and not _ignored(name, ignore):
+        if isinstance(m, nn.Linear) and not _ignored(name, ignore):
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child,
                     W8A8Linear(m.in_features, m.out_features, m.bias is not None, weight, activation, device="meta"))
@@ -181,10 +203,23 @@ def load_compressed_tensors(path, device=None) -> nn.Module:
     for f in files:
         state.update(load_file(str(f), device=str(device)))
     for name, m in model.named_modules():
-        if isinstance(m, W8A8Linear):
-            for key in (f"{name}.weight_scale", f"{name}.input_scale", f"{name}.bias"):
-                if key in state:
-                    state[key] = state[key].reshape(-1).to(torch.float32).contiguous()
+        if not isinstance(m, W8A8Linear):
+            continue
+        for zp in (f"{name}.weight_zero_point", f"{name}.input_zero_point"):  # written by some versions
+            if zp in state:
+                if bool(state[zp].any()):
+                    raise CheckpointError(f"{zp} is not zero: asymmetric quantization, which sq_kernels does not run")
+                del state[zp]
+        w = state.get(f"{name}.weight")
+        if w is not None and w.dtype != torch.int8:
+            raise CheckpointError(f"{name}.weight is {w.dtype}, expected int8 (the config says it is quantized)")
+        for key in (f"{name}.weight_scale", f"{name}.input_scale", f"{name}.bias"):
+            if key in state:
+                state[key] = state[key].reshape(-1).to(torch.float32).contiguous()
+        for key in (f"{name}.weight_scale", f"{name}.input_scale"):
+            t = state.get(key)
+            if t is not None and (not torch.isfinite(t).all() or (t <= 0).any()):
+                raise CheckpointError(f"{key} holds NaN, Inf or non-positive scales")
     expected = model.state_dict()
     tied = getattr(config, "tie_word_embeddings", False) and "lm_head.weight" in expected \
         and "lm_head.weight" not in state

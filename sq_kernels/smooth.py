@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .calibration import (ActStats, calibration_batches, check_in_memory, check_stats_source, check_token_ids,
-                          model_device, run_model)
+from .calibration import (ActStats, calibration_batches, check_in_memory, check_stats_match_smoothing,
+                          check_stats_source, check_token_ids, is_smoothed, model_device, run_model)
 from .config import SmoothQuantConfig, as_config, check_alpha
 from .families import FamilySpec, decoder_layers, family_of, get_submodule
 
@@ -224,16 +224,11 @@ def smooth_(model, stats: ActStats, config: SmoothQuantConfig | None = None, dat
     alpha = _resolve_alpha(config, spec)
     plans, skipped = plan_smoothing(model, stats, config, spec)
     check_stats_source(model, stats, "smooth_")
-    if getattr(model, "sq_smoothing", None):
-        if stats.meta.get("smoothed") is False:
-            raise ValueError("smooth_: this model was already smoothed, and these statistics were collected before "
-                             "that, on the original model: smoothing with them would scale the same channels a second "
-                             "time (the model stays equivalent, but its quantized accuracy drops badly). Smooth the "
-                             "original model once (reload it), or collect statistics on the smoothed model")
-        if stats.meta.get("smoothed") is None:  # statistics saved before this was recorded: cannot tell
-            warnings.warn("smooth_: this model was already smoothed; if these statistics were collected before that, "
-                          "smoothing again scales the same channels twice, which keeps the model equivalent but can "
-                          "cost much of its quantized accuracy. Smooth the original model once", stacklevel=2)
+    check_stats_match_smoothing(model, stats, "smooth_")
+    if is_smoothed(model) and stats.meta.get("smoothed") is None:  # statistics saved before this was recorded
+        warnings.warn("smooth_: this model was already smoothed; if these statistics were collected before that, "
+                      "smoothing again scales the same channels twice, which keeps the model equivalent but can "
+                      "cost much of its quantized accuracy. Smooth the original model once", stacklevel=2)
     layer_names = list(dict.fromkeys(p.layer for p in plans))
     search = {}
     if alpha == "auto":
@@ -267,6 +262,8 @@ def smooth_(model, stats: ActStats, config: SmoothQuantConfig | None = None, dat
     report = SmoothReport(spec.name, alphas, groups, stats.scaled(divisors), search, skipped)
     try:
         model.sq_smoothing = report.to_dict()
+        if getattr(model, "config", None) is not None:  # written by save_pretrained: survives a reload
+            model.config.sq_smoothed = {"family": spec.name, "alphas": dict(alphas)}
     except AttributeError:
         pass
     return report

@@ -337,16 +337,30 @@ def test_statistics_of_another_model_type_are_warned_about():
         sq.smoothquant(mistral, None, _cfg(), stats=stats)
 
 
-def test_statistics_from_before_smoothing_are_refused_where_they_would_be_wrong():
+def test_statistics_from_before_smoothing_are_refused_where_they_would_be_wrong(tmp_path):
     model = make_model("llama")
     stats = sq.collect_act_stats(model, calib_tokens(), progress=False)
     report = sq.smooth_(model, stats, _cfg())
     assert stats.meta["smoothed"] is False and report.stats.meta["smoothed"] is True
-    with pytest.raises(ValueError, match="already smoothed, and these statistics were collected before"):
+    with pytest.raises(ValueError, match="smooth_: the model was smoothed, and these statistics were collected "
+                                         "before that"):
         sq.smooth_(model, stats, _cfg())
-    with pytest.raises(ValueError, match="static activation scales from them would miss the smoothing factors"):
+    with pytest.raises(ValueError, match="quantize_: the model was smoothed.*static scales would miss the smoothing"):
         sq.quantize_(model, _cfg(scheme="O3"), stats=stats)
-    assert not any(isinstance(m, W8A8Linear) for m in model.modules())  # nothing changed by the refusals
+    fresh = make_model("llama")  # smoothed statistics on a model that has not been smoothed
+    for call in (lambda: sq.smooth_(fresh, report.stats, _cfg()),
+                 lambda: sq.quantize_(fresh, _cfg(scheme="O3"), stats=report.stats)):
+        with pytest.raises(ValueError, match="describe a smoothed model .* and this model has not been smoothed"):
+            call()
+    assert not any(isinstance(m, W8A8Linear) for m in list(model.modules()) + list(fresh.modules()))
+    # the smoothing survives save_pretrained / from_pretrained (recorded in the config)
+    from transformers import AutoModelForCausalLM
+    model.save_pretrained(tmp_path / "smoothed")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "smoothed")
+    assert reloaded.config.sq_smoothed["family"] == "Llama"
+    with pytest.raises(ValueError, match="the model was smoothed"):
+        sq.quantize_(reloaded, _cfg(scheme="O3"), stats=stats)
+    assert sq.collect_act_stats(reloaded, calib_tokens(), progress=False).meta["smoothed"] is True
     sq.quantize_(model, _cfg(scheme="O3"), stats=report.stats)
     restats = sq.collect_act_stats(make_model("llama"), calib_tokens(), progress=False)
     assert restats.meta["smoothed"] is False

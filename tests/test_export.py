@@ -57,11 +57,34 @@ def test_export_layout_and_round_trip(family, scheme, tmp_path):
     assert torch.equal(_logits(loaded, x), _logits(model, x))
 
 
+def test_falcon_linears_and_kept_ones_are_handled(tmp_path):
+    # Falcon's layers are FalconLinear (an nn.Linear subclass); one kept in floating point goes to ignore
+    model = make_model("falcon")
+    config = sq.SmoothQuantConfig(progress=False).set_local("*.dense_4h_to_h", "fp")
+    sq.smoothquant(model, calib_tokens(), config)
+    export_compressed_tensors(model, tmp_path)
+    q = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert q["ignore"] == ["lm_head"] + [f"transformer.h.{i}.mlp.dense_4h_to_h" for i in range(2)]
+    x = calib_tokens(2, 16, seed=3)
+    assert torch.equal(_logits(load_compressed_tensors(tmp_path), x), _logits(model, x))
+
+
 def test_export_refuses_what_it_cannot_express(tmp_path):
     with pytest.raises(ValueError, match="per-tensor dynamic"):
         export_compressed_tensors(_quantized(scheme="O2"), tmp_path / "a")
-    with pytest.raises(ValueError, match="fused MoE experts"):
+    with pytest.raises(ValueError, match="MoE experts .* cannot be exported yet"):
         export_compressed_tensors(_quantized("mixtral"), tmp_path / "b")
+    kept_experts = make_model("mixtral")
+    sq.smoothquant(kept_experts, calib_tokens(),
+                   sq.SmoothQuantConfig(progress=False).set_local("*.experts", "fp"))
+    with pytest.raises(ValueError, match="MoE experts"):
+        export_compressed_tensors(kept_experts, tmp_path / "b2")
+    with pytest.raises(ValueError, match="lm_head is quantized"):
+        export_compressed_tensors(_quantized(exclude=()), tmp_path / "b3")
+    partly = make_model("llama")
+    sq.smoothquant(partly, calib_tokens(), sq.SmoothQuantConfig(progress=False).set_local("*.q_proj", "fp"))
+    with pytest.raises(ValueError, match="vLLM fuses q_proj, k_proj, v_proj into one layer"):
+        export_compressed_tensors(partly, tmp_path / "b4")
     mixed = make_model("llama")
     config = sq.SmoothQuantConfig(progress=False).set_local("*.down_proj", weight="per_tensor")
     sq.smoothquant(mixed, calib_tokens(), config)
@@ -89,3 +112,40 @@ def test_import_refuses_other_formats(tmp_path):
         config_file.write_text(json.dumps(edited))
         with pytest.raises(CheckpointError, match=message):
             load_compressed_tensors(tmp_path)
+
+
+def test_import_reads_the_variants_other_writers_produce(tmp_path):
+    from safetensors.torch import save_file
+    model = _quantized()
+    x = calib_tokens(2, 16, seed=3)
+    want = _logits(model, x)
+    export_compressed_tensors(model, tmp_path / "ct")
+    tensors = load_file(str(tmp_path / "ct" / "model.safetensors"))
+    # symmetric zero points, as some versions write them, are accepted; shards named by an index are read,
+    # and a stale model.safetensors beside them is not
+    with_zp = dict(tensors)
+    with_zp["model.layers.0.mlp.up_proj.weight_zero_point"] = torch.zeros(128, 1, dtype=torch.int8)
+    names = sorted(with_zp)
+    half = len(names) // 2
+    shards = {"model-00001-of-00002.safetensors": names[:half], "model-00002-of-00002.safetensors": names[half:]}
+    for file, keys in shards.items():
+        save_file({k: with_zp[k] for k in keys}, str(tmp_path / "ct" / file))
+    (tmp_path / "ct" / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: f for f, keys in shards.items() for k in keys}}))
+    stale = dict(tensors)
+    stale["model.layers.0.mlp.up_proj.weight_scale"] = stale["model.layers.0.mlp.up_proj.weight_scale"] * 2
+    save_file(stale, str(tmp_path / "ct" / "model.safetensors"))
+    assert torch.equal(_logits(load_compressed_tensors(tmp_path / "ct"), x), want)
+    # a "re:" ignore is a prefix match (re.match), as in compressed-tensors and vLLM
+    config_file = tmp_path / "ct" / "config.json"
+    config = json.loads(config_file.read_text())
+    config["quantization_config"]["ignore"] = ["re:lm_"]
+    config_file.write_text(json.dumps(config))
+    assert torch.equal(_logits(load_compressed_tensors(tmp_path / "ct"), x), want)
+    # damaged scales are refused, not run
+    bad = dict(tensors)
+    bad["model.layers.1.self_attn.o_proj.weight_scale"][3] = float("nan")
+    (tmp_path / "ct" / "model.safetensors.index.json").unlink()
+    save_file(bad, str(tmp_path / "ct" / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="o_proj.weight_scale holds NaN"):
+        load_compressed_tensors(tmp_path / "ct")

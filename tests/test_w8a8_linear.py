@@ -224,6 +224,11 @@ def test_every_op_refuses_a_backward_pass():
     x = torch.randn(4, 64, requires_grad=True)
     calls = {
         "w8a8 linear fp32": lambda: W8A8Linear.from_linear(nn.Linear(64, 32))(x),
+        # static scales: neither the int8 input nor the buffers carry a gradient, the output is tied to x
+        "w8a8 linear static": lambda: W8A8Linear.from_linear(nn.Linear(64, 32), "per_tensor", "static",
+                                                             input_amax=4.0)(x),
+        "w8a8 linear static fp16": lambda: W8A8Linear.from_linear(nn.Linear(64, 32), "per_tensor", "static",
+                                                                  input_amax=4.0)(x.half()),
         "w8a8 linear fp16": lambda: W8A8Linear.from_linear(nn.Linear(64, 32))(x.half()),
         "quantize_per_token": lambda: ops.quantize_per_token(x)[1],
         "rms_norm_quant": lambda: ops.rms_norm_quant(x, torch.ones(64))[1],

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..config import ACTIVATION_SCHEMES, WEIGHT_GRANULARITIES
+from ..ops._library import no_backward_through
 from ._quant import ALIGN, KeepFloat32Buffers, int8_linear, quantize_activation, quantize_weight, static_scale
 
 
@@ -133,7 +134,7 @@ class W8A8Experts(KeepFloat32Buffers, nn.Module):
             out = int8_linear(h_q, h_scale, self.down_proj[e], self.down_proj_scale[e], None, dtype)
             out = out * top_k_weights[token_idx, top_k_pos, None]
             final.index_add_(0, token_idx, out.to(final.dtype))
-        return final
+        return no_backward_through(final, hidden_states, "W8A8Experts")
 
     def scheme(self) -> str:
         act = "static per-tensor" if self.activation == "static" else f"dynamic {self.activation}"

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..config import ACTIVATION_SCHEMES, WEIGHT_GRANULARITIES
+from ..ops._library import no_backward_through
 from ._quant import (ALIGN, KeepFloat32Buffers, check_input, int8_linear, quantize_activation, quantize_weight,
                      static_scale)
 
@@ -89,7 +90,8 @@ class W8A8Linear(KeepFloat32Buffers, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input("W8A8Linear", x, self.in_features)
         x_q, x_scale = quantize_activation(x, self.activation, self.input_scale)
-        return int8_linear(x_q, x_scale, self.weight, self.weight_scale, self.bias, x.dtype)
+        out = int8_linear(x_q, x_scale, self.weight, self.weight_scale, self.bias, x.dtype)
+        return no_backward_through(out, x, "W8A8Linear")
 
     def dequantized_weight(self) -> torch.Tensor:
         """float32 ``[N, K]``: ``weight * weight_scale`` (for inspection and error reports)."""

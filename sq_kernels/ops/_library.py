@@ -58,6 +58,28 @@ class _NoBackward(torch.autograd.Function):
                                     for meta in ctx.float_inputs)
 
 
+class _DependsOn(torch.autograd.Function):
+    """``out`` unchanged, made to depend on ``x`` for autograd, with ``x``'s gradient ``_no_backward``."""
+
+    @staticmethod
+    def forward(ctx, out, x, name):
+        ctx.shape, ctx.dtype, ctx.name = tuple(x.shape), x.dtype, name
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None, torch.ops.sq_kernels._no_backward.default(grad, list(ctx.shape), ctx.dtype, ctx.name), None
+
+
+def no_backward_through(out: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
+    """A W8A8 module's output, tied to its input for autograd when the input requires grad but the output
+    does not (static activation scales: the int8 input and the buffers carry no gradient), so that a backward
+    pass through the module raises instead of silently skipping it."""
+    if torch.is_grad_enabled() and x.requires_grad and not out.requires_grad and out.is_floating_point():
+        return _DependsOn.apply(out, x, name)
+    return out
+
+
 class _InferenceOp:
     """What the wrappers call: the op itself, or, when an input requires grad (an HF model called outside
     ``no_grad``), the op through ``_NoBackward``. The W8A8 ops are inference ops (int8 rounding has no useful

@@ -611,6 +611,9 @@ def collect_act_stats(model, data, tokenizer=None, *, num_samples: int = 128, se
         ValueError when a statistic is NaN/Inf (an overflowing model). Warns when the data gave fewer samples
         than asked for (see ``calibration_samples``).
     """
+    if type(tokenizer).__name__ == "SmoothQuantConfig":
+        raise ValueError("collect_act_stats: the third argument is the tokenizer, got a SmoothQuantConfig; pass "
+                         "num_samples= / seq_len= / batch_size= by keyword (or use smoothquant(model, data, config))")
     batches = calibration_batches(data, tokenizer, num_samples, seq_len, batch_size)
     # every batch is checked before the (possibly long) calibration run starts
     for batch in batches:
@@ -663,7 +666,7 @@ def collect_act_stats(model, data, tokenizer=None, *, num_samples: int = 128, se
     meta = {"model_type": getattr(getattr(model, "config", None), "model_type", None),
             "model_class": type(model).__name__, "num_batches": len(batches),
             "num_samples": sum(b.shape[0] for b in batches), "num_tokens": sum(b.numel() for b in batches),
-            "seq_len": seq_len, "smoothed": is_smoothed(model)}
+            "seq_len": max((int(b.shape[-1]) for b in batches), default=0), "smoothed": is_smoothed(model)}
     never = sorted(set(targets) - set(absmax))
     if never:
         meta["never_called"] = never

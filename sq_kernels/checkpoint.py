@@ -207,6 +207,13 @@ def read_quantization_config(path) -> dict:
     qfile = path / QUANT_FILE
     if not qfile.is_file():
         if (path / "config.json").is_file():
+            try:
+                quant = json.loads((path / "config.json").read_text(encoding="utf-8")).get("quantization_config")
+            except ValueError:
+                quant = None
+            if isinstance(quant, dict) and quant.get("quant_method") == "compressed-tensors":
+                raise CheckpointError(f"{path} is a compressed-tensors checkpoint, not an sq_kernels one: read it "
+                                      f"with sq_kernels.export.load_compressed_tensors (sq-kernels eval reads both)")
             raise CheckpointError(f"{path} is a Hugging Face checkpoint without {QUANT_FILE}: not an sq_kernels "
                                   f"quantized model (or its save did not finish). Quantize it with smoothquant().")
         raise CheckpointError(f"{path} is not a checkpoint directory (no {QUANT_FILE})")

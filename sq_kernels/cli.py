@@ -64,8 +64,7 @@ def _load_model(path: str, device: str, dtype: str):
         return load_quantized(path, device=device, dtype=dtype)
     if _is_compressed_tensors(path):  # an INT8 W8A8 export (ours or llm-compressor's): runs on the W8A8 modules
         from .export import load_compressed_tensors
-        model = load_compressed_tensors(path, device=device)
-        return model if dtype == "auto" else model.to(_dtype(dtype))
+        return load_compressed_tensors(path, device=device, dtype=dtype)
     from transformers import AutoModelForCausalLM
     if not Path(path, "config.json").is_file():
         raise ValueError(f"{path} is not a local Hugging Face model directory (no config.json)")
@@ -143,7 +142,8 @@ def _check_quantize_args(args, config) -> None:
                              "--overwrite only replaces an earlier quantized checkpoint: choose another directory")
         if not (out / QUANT_FILE).is_file():  # the user's own files: config.json, tokenizer, notes...
             raise ValueError(f"the output directory {args.out} is not an earlier quantized checkpoint (it has no "
-                             f"{QUANT_FILE}); --overwrite only replaces one: choose a new or empty directory")
+                             f"{QUANT_FILE}); --overwrite only replaces one: choose a new or empty directory (an "
+                             f"interrupted earlier save leaves no {QUANT_FILE}: delete that directory yourself)")
     if args.data is None and args.stats is None:
         raise ValueError("--data is required (calibration text: a local .txt or .jsonl file), unless --stats gives "
                          "statistics collected before")
@@ -260,10 +260,7 @@ def cmd_export(args) -> int:
     if out.is_file() or (out.is_dir() and any(out.iterdir())):
         raise ValueError(f"the output {args.out} is a file or a directory that is not empty; choose a new directory")
     model = load_quantized(args.checkpoint)
-    export_compressed_tensors(model, out)
-    tokenizer = _load_tokenizer(args.checkpoint, required=False)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out)
+    export_compressed_tensors(model, out, tokenizer=_load_tokenizer(args.checkpoint, required=False))
     print(f"exported {args.checkpoint} to {args.out} (compressed-tensors, int-quantized: "
           f"vllm serve {args.out})")
     return 0

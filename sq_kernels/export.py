@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointError, _all_tensors, check_device
+from .checkpoint import CheckpointError, _all_tensors, _kept_float32, check_device, check_float_dtype
 from .nn import W8A8Experts, W8A8Linear
 
 WEIGHTS = {"per_channel": "channel", "per_tensor": "tensor"}
@@ -89,9 +89,10 @@ def quantization_config(model: nn.Module) -> dict:
     }
 
 
-def export_compressed_tensors(model: nn.Module, path) -> Path:
+def export_compressed_tensors(model: nn.Module, path, tokenizer=None) -> Path:
     """Write the W8A8 ``model`` (from ``smoothquant`` / ``quantize_`` or ``load_quantized``) to the new or
-    empty directory ``path`` as a compressed-tensors checkpoint. Returns the path."""
+    empty directory ``path`` as a compressed-tensors checkpoint, with ``tokenizer`` when given (``vllm serve``
+    needs one in the directory). Returns the path."""
     from safetensors.torch import save_file
     model = getattr(model, "_orig_mod", model) if type(model).__name__ == "OptimizedModule" else model
     config = getattr(model, "config", None)
@@ -119,6 +120,8 @@ def export_compressed_tensors(model: nn.Module, path) -> Path:
     generation_config = getattr(model, "generation_config", None)
     if generation_config is not None and hasattr(generation_config, "save_pretrained"):
         generation_config.save_pretrained(path)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
     # config.json last: until it is there, the directory is not a model anything would load
     (path / "config.json").write_text(json.dumps(exported, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return path
@@ -146,17 +149,19 @@ def _scheme_of(group: dict, where: str) -> tuple[str, str]:
     return weight, activation
 
 
-def load_compressed_tensors(path, device=None) -> nn.Module:
+def load_compressed_tensors(path, device=None, dtype=None) -> nn.Module:
     """Load a compressed-tensors INT8 W8A8 checkpoint (``format: int-quantized``, as written by
     ``export_compressed_tensors`` or llm-compressor's W8A8 INT8 schemes) into its HF class with
     ``W8A8Linear`` modules, so it runs on the sq_kernels ops. One config group targeting ``Linear``, symmetric
     INT8 weights (channel / tensor) and activations (token-dynamic / tensor-static); anything else is a
-    ``CheckpointError`` naming it."""
+    ``CheckpointError`` naming it. ``dtype``: as for ``load_quantized`` (the floating-point rest; scales and
+    biases stay float32)."""
     import transformers
     from safetensors.torch import load_file
     from transformers import AutoConfig
     path = Path(path)
     device = check_device(device)
+    dtype = check_float_dtype(dtype)
     config_file = path / "config.json"
     if not config_file.is_file():
         raise CheckpointError(f"{path}: config.json is missing")
@@ -220,6 +225,12 @@ def load_compressed_tensors(path, device=None) -> nn.Module:
             t = state.get(key)
             if t is not None and (not torch.isfinite(t).all() or (t <= 0).any()):
                 raise CheckpointError(f"{key} holds NaN, Inf or non-positive scales")
+    if dtype is not None:
+        kept = _kept_float32(model)
+        for key, t in state.items():
+            if t.is_floating_point() and key not in kept:
+                state[key] = t.to(dtype)
+        model.config.dtype = dtype
     expected = model.state_dict()
     tied = getattr(config, "tie_word_embeddings", False) and "lm_head.weight" in expected \
         and "lm_head.weight" not in state

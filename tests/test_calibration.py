@@ -376,3 +376,11 @@ def test_records_generators_and_dataset_like_iterables(tokenizer):
     assert [s.tolist() for s in calibration_samples(Rows(), tokenizer, num_samples=3)] == want
     with pytest.raises(ValueError, match=r"data\[0\]: a dict must hold 'input_ids' .* or a string 'text'"):
         calibration_samples([{"content": "x"}], tokenizer)
+
+
+def test_collect_act_stats_names_a_config_passed_as_tokenizer_and_records_the_real_length():
+    from sq_kernels import SmoothQuantConfig
+    model = make_model("llama")
+    with pytest.raises(ValueError, match="the third argument is the tokenizer, got a SmoothQuantConfig"):
+        collect_act_stats(model, calib_tokens(), SmoothQuantConfig())
+    assert collect_act_stats(model, calib_tokens(4, 16), progress=False).meta["seq_len"] == 16

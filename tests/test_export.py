@@ -149,3 +149,14 @@ def test_import_reads_the_variants_other_writers_produce(tmp_path):
     save_file(bad, str(tmp_path / "ct" / "model.safetensors"))
     with pytest.raises(CheckpointError, match="o_proj.weight_scale holds NaN"):
         load_compressed_tensors(tmp_path / "ct")
+
+
+def test_import_in_another_dtype_with_the_tokenizer_and_clear_errors(tmp_path, tokenizer):
+    model = _quantized()
+    export_compressed_tensors(model, tmp_path / "ct", tokenizer=tokenizer)
+    assert (tmp_path / "ct" / "tokenizer.json").is_file()
+    loaded = load_compressed_tensors(tmp_path / "ct", dtype="bfloat16")
+    assert loaded.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert loaded.model.layers[0].self_attn.q_proj.weight_scale.dtype == torch.float32
+    with pytest.raises(CheckpointError, match="is a compressed-tensors checkpoint, not an sq_kernels one"):
+        sq.load_quantized(tmp_path / "ct")

@@ -115,10 +115,15 @@ def _is_text_file(data) -> bool:
 
 
 def _texts_or_path(path: str | None, field: str | None, flag: str):
-    """A data file as given, or with --text-field, the texts of that field of a .jsonl / .json file."""
-    if path is None or field is None:
+    """A data file as given, or with --text-field, the texts of that field of a .jsonl / .json file. A JSON
+    file is read here either way, so that a wrong field fails before any model is loaded."""
+    if path is None:
         return path
     from .calibration import is_json_file, read_texts
+    if field is None:
+        if is_json_file(path) and Path(path).is_file():
+            read_texts(path)  # checked now; the calibration reads it again (and warns about too little data)
+        return path
     if not is_json_file(path):
         raise ValueError(f"--text-field {field} applies to .jsonl / .json files, and {flag} {path} is not one")
     return read_texts(path, field)

@@ -266,8 +266,16 @@ def test_text_field_selects_the_json_key(model_dir, tmp_path, capsys):
                               for i, s in enumerate(TEXT.split(".")[:6]) if s.strip()))
     out, stats = tmp_path / "q", tmp_path / "stats.safetensors"
     args = ["--num-samples", "2", "--seq-len", "32", "--no-progress"]
-    assert main(["quantize", str(model_dir), str(out), "--data", str(data)] + args) == 2
+    import sq_kernels.cli as cli
+    loaded = []
+    real_load = cli._load_model
+    cli._load_model = lambda *a: loaded.append(a) or real_load(*a)
+    try:
+        assert main(["quantize", str(model_dir), str(out), "--data", str(data)] + args) == 2
+    finally:
+        cli._load_model = real_load
     assert "--text-field" in capsys.readouterr().err  # the error says how to choose the key
+    assert not loaded  # ... before any model was loaded
     assert main(["calibrate", str(model_dir), "--data", str(data), "--text-field", "content", "--out", str(stats)]
                 + args) == 0
     assert main(["quantize", str(model_dir), str(out), "--data", str(data), "--text-field", "content"] + args) == 0

@@ -415,8 +415,10 @@ def calibration_samples(data, tokenizer=None, num_samples: int = 128, seq_len: i
                 break
             if isinstance(item, str):
                 rows = [_encode(tokenizer, item)]
+                source, per_text = source or "(the given texts)", True
             elif isinstance(item, Mapping) and "input_ids" not in item and isinstance(item.get("text"), str):
                 rows = [_encode(tokenizer, item["text"])]  # a record {"text": ...}, as a datasets row is
+                source, per_text = source or "(the given texts)", True
             elif isinstance(item, Mapping):
                 if "input_ids" not in item:
                     raise ValueError(f"data[{i}]: a dict must hold 'input_ids' (a tokenizer's output) or a string "

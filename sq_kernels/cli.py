@@ -203,7 +203,7 @@ def cmd_quantize(args) -> int:
         report.smoothing.save(smoothing_file)
     elif smoothing_file.is_file():  # left by an earlier run into this directory (--overwrite): it no longer applies
         smoothing_file.unlink()
-    print(report)
+    print(_cli_words(str(report)))
     print(f"saved the quantized model to {args.out}")
     return 0
 
@@ -561,9 +561,10 @@ _API_TO_CLI = (("(smooth=False)", "(--no-smooth)"), ("pass tokenizer=", "pass --
 
 
 def _cli_words(message: str) -> str:
+    import re
     for api, cli in _API_TO_CLI:
         message = message.replace(api, cli)
-    return message
+    return re.sub(r"set_local\('([^']*)', 'fp'\)", r"--fp '\1'", message)
 
 
 def main(argv: list[str] | None = None) -> int:

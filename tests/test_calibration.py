@@ -384,3 +384,11 @@ def test_collect_act_stats_names_a_config_passed_as_tokenizer_and_records_the_re
     with pytest.raises(ValueError, match="the third argument is the tokenizer, got a SmoothQuantConfig"):
         collect_act_stats(model, calib_tokens(), SmoothQuantConfig())
     assert collect_act_stats(model, calib_tokens(4, 16), progress=False).meta["seq_len"] == 16
+
+
+def test_a_list_of_texts_shorter_than_num_samples_is_warned_about(tokenizer):
+    with pytest.warns(UserWarning, match=r"calibration data \(the given texts\) gave 2 samples"):
+        calibration_samples(["one two", {"text": "three"}], tokenizer, num_samples=5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        calibration_samples(["one two", "three"], tokenizer, num_samples=2)

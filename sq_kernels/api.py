@@ -91,13 +91,13 @@ def _warn_unmatched_patterns(model: nn.Module, config: SmoothQuantConfig, plan, 
     default = SmoothQuantConfig(progress=False)
     seen = [(e.name, e.module) for e in plan.entries]
     example = seen[0][0] if seen else None
-    for field, patterns, defaults in (("include", config.include, default.include),
-                                      ("exclude", config.exclude, default.exclude),
-                                      ("set_local", tuple(config.local), ())):
+    for rule, patterns, defaults in (("include", config.include, default.include),
+                                     ("exclude", config.exclude, default.exclude),
+                                     ("set_local", tuple(config.local), ())):
         for pattern in patterns:
             if pattern in defaults or any(pattern_matches(pattern, name, module) for name, module in seen):
                 continue
-            warnings.warn(f"{field} pattern {pattern!r} matches no module of {type(model).__name__}, so its rule does "
+            warnings.warn(f"{rule} pattern {pattern!r} matches no module of {type(model).__name__}, so its rule does "
                           f"nothing (module names look like {example!r}; a pattern matches the full name (fnmatch), "
                           f"its end after a dot, or a class name)", UserWarning, stacklevel=stacklevel)
 

@@ -144,6 +144,26 @@ def hf_weight_files(path) -> list[str]:
                   or p.name in ("tf_model.h5", "flax_model.msgpack"))
 
 
+def unwrap_compiled(model: nn.Module) -> nn.Module:
+    """The module inside a ``torch.compile`` wrapper (``OptimizedModule``), or ``model`` itself."""
+    return getattr(model, "_orig_mod", model) if type(model).__name__ == "OptimizedModule" else model
+
+
+def stored_float_dtype(model: nn.Module):
+    """The dtype of the model's floating-point parameters (embeddings, norms): what its config records."""
+    return next((t.dtype for t in model.parameters() if t.is_floating_point()), None)
+
+
+def quantization_method(path) -> str | None:
+    """``quantization_config.quant_method`` of ``path/config.json`` (``"compressed-tensors"``, say), if any."""
+    try:
+        config = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    quant = config.get("quantization_config") if isinstance(config, dict) else None
+    return quant.get("quant_method") if isinstance(quant, dict) else None
+
+
 def save_quantized(model: nn.Module, path) -> Path:
     """Write the quantized HF ``model`` to directory ``path`` (created if needed). Returns the path.
 
@@ -152,7 +172,7 @@ def save_quantized(model: nn.Module, path) -> Path:
     from safetensors.torch import save_file
 
     from . import __version__
-    model = getattr(model, "_orig_mod", model) if type(model).__name__ == "OptimizedModule" else model
+    model = unwrap_compiled(model)
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "save_pretrained"):
         raise ValueError(f"save_quantized needs a Hugging Face model with a config, got {type(model).__name__}")
@@ -172,9 +192,8 @@ def save_quantized(model: nn.Module, path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     (path / QUANT_FILE).unlink(missing_ok=True)  # written last: its presence marks a complete checkpoint
     config.architectures = [type(model).__name__]
-    float_dtypes = [t.dtype for t in model.parameters() if t.is_floating_point()]
-    if float_dtypes:  # the dtype the floating-point rest is stored in (after .half(), say)
-        config.dtype = float_dtypes[0]
+    if stored_float_dtype(model) is not None:  # the dtype the floating-point rest is stored in (after .half())
+        config.dtype = stored_float_dtype(model)
     config.save_pretrained(path)
     generation_config = getattr(model, "generation_config", None)
     if generation_config is not None and hasattr(generation_config, "save_pretrained"):
@@ -207,11 +226,7 @@ def read_quantization_config(path) -> dict:
     qfile = path / QUANT_FILE
     if not qfile.is_file():
         if (path / "config.json").is_file():
-            try:
-                quant = json.loads((path / "config.json").read_text(encoding="utf-8")).get("quantization_config")
-            except ValueError:
-                quant = None
-            if isinstance(quant, dict) and quant.get("quant_method") == "compressed-tensors":
+            if quantization_method(path) == "compressed-tensors":
                 raise CheckpointError(f"{path} is a compressed-tensors checkpoint, not an sq_kernels one: read it "
                                       f"with sq_kernels.export.load_compressed_tensors (sq-kernels eval reads both)")
             raise CheckpointError(f"{path} is a Hugging Face checkpoint without {QUANT_FILE}: not an sq_kernels "
@@ -322,8 +337,38 @@ def check_device(device, what: str = "device") -> torch.device:
     return dev
 
 
-def _build_skeleton(path: Path, meta: dict, attn_implementation: str | None = None):
+def model_class(name: str, where: str):
+    """The transformers model class called ``name`` (named by ``where``), or a CheckpointError."""
     import transformers
+    cls = getattr(transformers, name, None) if isinstance(name, str) else None
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        raise CheckpointError(f"this transformers ({transformers.__version__}) has no model class {name!r} ({where})")
+    return cls
+
+
+def cast_floats_(tensors: dict[str, torch.Tensor], dtype, keep: set[str]) -> None:
+    """Cast the floating-point tensors of ``tensors`` (in place, one at a time) to ``dtype``, except ``keep``."""
+    for key, t in tensors.items():
+        if t.is_floating_point() and t.dtype != dtype and key not in keep:
+            tensors[key] = t.to(dtype)
+
+
+def finish_loading(model: nn.Module, path: Path, dtype, where) -> nn.Module:
+    """The end of every load: no tensor left on the meta device, the generation config, the recorded dtype,
+    ``save_pretrained`` guarded (see ``guard_hf_saving``); the model in eval mode."""
+    still_meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if still_meta:
+        raise CheckpointError(f"{where} left tensors unset: {still_meta[:6]}")
+    if (path / "generation_config.json").is_file():
+        from transformers import GenerationConfig
+        model.generation_config = GenerationConfig.from_pretrained(str(path), local_files_only=True)
+    if dtype is not None:
+        model.config.dtype = dtype
+    guard_hf_saving(model)
+    return model.eval()
+
+
+def _build_skeleton(path: Path, meta: dict, attn_implementation: str | None = None):
     from transformers import AutoConfig
     config = AutoConfig.from_pretrained(str(path), local_files_only=True)
     if attn_implementation is not None:  # checked by transformers when the model is built: a ValueError
@@ -331,10 +376,7 @@ def _build_skeleton(path: Path, meta: dict, attn_implementation: str | None = No
     if meta.get("model_type") and config.model_type != meta["model_type"]:
         raise CheckpointError(f"config.json is a {config.model_type!r} config but the weights were saved from a "
                               f"{meta['model_type']!r} model")
-    cls = getattr(transformers, meta["architecture"], None)
-    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
-        raise CheckpointError(f"this transformers ({transformers.__version__}) has no model class "
-                              f"{meta['architecture']!r} (the 'architecture' field of {QUANT_FILE})")
+    cls = model_class(meta["architecture"], f"the 'architecture' field of {QUANT_FILE}")
     with torch.device("meta"):
         model = cls(config)
     for name, d in meta["modules"].items():
@@ -429,10 +471,7 @@ def load_quantized(path, device=None, verify: bool = True, *, dtype=None, attn_i
             file_meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
             if dtype is not None:  # one tensor at a time: never two copies of the model
-                keep = _kept_float32(model) | non_persistent
-                for k, t in tensors.items():
-                    if t.is_floating_point() and t.dtype != dtype and k not in keep:
-                        tensors[k] = t.to(dtype)
+                cast_floats_(tensors, dtype, _kept_float32(model) | non_persistent)
     except SafetensorError as exc:  # a damaged header or truncated data; anything else is not the file's fault
         raise CheckpointError(f"{weights} is corrupt or truncated: {exc}") from None
     except OSError as exc:
@@ -474,18 +513,8 @@ def load_quantized(path, device=None, verify: bool = True, *, dtype=None, attn_i
         dst = model.get_submodule(a_owner) if a_owner else model
         if t_name in src._parameters and a_name in dst._parameters:
             dst._parameters[a_name] = src._parameters[t_name]
-    still_meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
-    if still_meta:
-        raise CheckpointError(f"{weights} left tensors unset: {still_meta[:6]}")
-    generation = path / "generation_config.json"
-    if generation.is_file():
-        from transformers import GenerationConfig
-        model.generation_config = GenerationConfig.from_pretrained(str(path), local_files_only=True)
-    if dtype is not None:
-        model.config.dtype = dtype
     model.sq_quantization = meta.get("quantization")
-    guard_hf_saving(model)
-    return model.eval()
+    return finish_loading(model, path, dtype, weights)
 
 
 class _HFSaveGuard:

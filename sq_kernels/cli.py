@@ -50,19 +50,11 @@ def _check_writable_file(path: str | None, flag: str, overwrite: bool = False) -
         raise ValueError(f"{flag} {path} already exists; choose a new name or pass --overwrite to replace it")
 
 
-def _is_compressed_tensors(path: str) -> bool:
-    try:
-        config = json.loads(Path(path, "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return (config.get("quantization_config") or {}).get("quant_method") == "compressed-tensors"
-
-
 def _load_model(path: str, device: str, dtype: str):
-    from .checkpoint import is_quantized_checkpoint, load_quantized
+    from .checkpoint import is_quantized_checkpoint, load_quantized, quantization_method
     if is_quantized_checkpoint(path):
         return load_quantized(path, device=device, dtype=dtype)
-    if _is_compressed_tensors(path):  # an INT8 W8A8 export (ours or llm-compressor's): runs on the W8A8 modules
+    if quantization_method(path) == "compressed-tensors":  # an INT8 W8A8 export (ours or llm-compressor's): runs on the W8A8 modules
         from .export import load_compressed_tensors
         return load_compressed_tensors(path, device=device, dtype=dtype)
     from transformers import AutoModelForCausalLM

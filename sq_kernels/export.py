@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointError, _all_tensors, _kept_float32, check_device, check_float_dtype
+from .checkpoint import (CheckpointError, _all_tensors, _kept_float32, cast_floats_, check_device,
+                         check_float_dtype, finish_loading, model_class, stored_float_dtype, unwrap_compiled)
 from .nn import W8A8Experts, W8A8Linear
 
 WEIGHTS = {"per_channel": "channel", "per_tensor": "tensor"}
@@ -94,7 +95,7 @@ def export_compressed_tensors(model: nn.Module, path, tokenizer=None) -> Path:
     empty directory ``path`` as a compressed-tensors checkpoint, with ``tokenizer`` when given (``vllm serve``
     needs one in the directory). Returns the path."""
     from safetensors.torch import save_file
-    model = getattr(model, "_orig_mod", model) if type(model).__name__ == "OptimizedModule" else model
+    model = unwrap_compiled(model)
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "to_dict"):
         raise ValueError(f"export needs a Hugging Face model with a config, got {type(model).__name__}")
@@ -105,8 +106,7 @@ def export_compressed_tensors(model: nn.Module, path, tokenizer=None) -> Path:
     tensors, _aliases, non_persistent = _all_tensors(model)  # tied weights stored once, as HF does
     for key in non_persistent:  # rotary tables and the like: rebuilt by the model, not part of a checkpoint
         tensors.pop(key, None)
-    float_dtypes = [t.dtype for t in model.parameters() if t.is_floating_point()]
-    dtype = float_dtypes[0] if float_dtypes else torch.float16
+    dtype = stored_float_dtype(model) or torch.float16
     for name, m in model.named_modules():
         if isinstance(m, W8A8Linear):
             if m.weight_granularity == "per_channel":
@@ -156,7 +156,6 @@ def load_compressed_tensors(path, device=None, dtype=None) -> nn.Module:
     INT8 weights (channel / tensor) and activations (token-dynamic / tensor-static); anything else is a
     ``CheckpointError`` naming it. ``dtype``: as for ``load_quantized`` (the floating-point rest; scales and
     biases stay float32)."""
-    import transformers
     from safetensors.torch import load_file
     from transformers import AutoConfig
     path = Path(path)
@@ -182,10 +181,7 @@ def load_compressed_tensors(path, device=None, dtype=None) -> nn.Module:
     config = AutoConfig.from_pretrained(str(path), local_files_only=True)
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # the model is built from the plain config; the W8A8 modules go in below
-    cls = getattr(transformers, (config.architectures or [""])[0], None)
-    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
-        raise CheckpointError(f"{path}: config.json names architectures {config.architectures}, which this "
-                              f"transformers ({transformers.__version__}) does not have")
+    cls = model_class((config.architectures or [None])[0], f"the 'architectures' field of {config_file}")
     index = path / "model.safetensors.index.json"
     if index.is_file():  # the shards the index names, and only those (a stale model.safetensors is not read)
         try:
@@ -226,11 +222,7 @@ def load_compressed_tensors(path, device=None, dtype=None) -> nn.Module:
             if t is not None and (not torch.isfinite(t).all() or (t <= 0).any()):
                 raise CheckpointError(f"{key} holds NaN, Inf or non-positive scales")
     if dtype is not None:
-        kept = _kept_float32(model)
-        for key, t in state.items():
-            if t.is_floating_point() and key not in kept:
-                state[key] = t.to(dtype)
-        model.config.dtype = dtype
+        cast_floats_(state, dtype, _kept_float32(model))
     expected = model.state_dict()
     tied = getattr(config, "tie_word_embeddings", False) and "lm_head.weight" in expected \
         and "lm_head.weight" not in state
@@ -256,12 +248,7 @@ def load_compressed_tensors(path, device=None, dtype=None) -> nn.Module:
             for b, value in fresh._buffers.items():
                 if owner._buffers.get(b) is not None and owner._buffers[b].is_meta:
                     owner._buffers[b] = value
-    still_meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
-    if still_meta:
-        raise CheckpointError(f"{path}: tensors left unset: {still_meta[:6]}")
-    if (path / "generation_config.json").is_file():
-        model.generation_config = transformers.GenerationConfig.from_pretrained(str(path), local_files_only=True)
-    return model.eval()
+    return finish_loading(model, path, dtype, path)
 
 
 __all__ = ["export_compressed_tensors", "load_compressed_tensors", "quantization_config"]

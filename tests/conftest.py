@@ -130,3 +130,17 @@ def text_file(tmp_path):
     path = tmp_path / "calib.txt"
     path.write_text(TEXT, encoding="utf-8")
     return path
+
+
+def logits(model, x):
+    """The model's logits on token ids ``x``, without autograd."""
+    with torch.no_grad():
+        return model(x).logits
+
+
+def quantized(family: str = "llama", **cfg):
+    """A tiny ``family`` model (planted outliers) put through ``smoothquant`` with ``SmoothQuantConfig(**cfg)``."""
+    import sq_kernels as sq
+    model = make_model(family)
+    sq.smoothquant(model, calib_tokens(), sq.SmoothQuantConfig(progress=False, **cfg))
+    return model

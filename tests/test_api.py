@@ -11,6 +11,7 @@ from sq_kernels.families import UnsupportedModelError
 from sq_kernels.nn import W8A8Experts, W8A8Linear
 
 from conftest import FAMILIES, calib_tokens, make_model, sqnr
+from conftest import logits as _logits
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -20,11 +21,6 @@ MARGIN_DB = 10.0        # "beats naive W8A8 by a wide margin"
 
 def _cfg(**kw):
     return sq.SmoothQuantConfig(progress=False, **kw)
-
-
-def _logits(model, x):
-    with torch.no_grad():
-        return model(x).logits
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -11,19 +11,9 @@ from sq_kernels.checkpoint import QUANT_FILE, WEIGHTS_FILE, CheckpointError, rea
 from sq_kernels.nn import W8A8Experts, W8A8Linear
 
 from conftest import FAMILIES, calib_tokens, make_model
+from conftest import logits as _logits, quantized as _quantized
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _quantized(family="llama", **cfg):
-    model = make_model(family)
-    sq.smoothquant(model, calib_tokens(), sq.SmoothQuantConfig(progress=False, **cfg))
-    return model
-
-
-def _logits(model, x):
-    with torch.no_grad():
-        return model(x).logits
 
 
 @pytest.mark.parametrize("family", FAMILIES)

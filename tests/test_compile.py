@@ -12,6 +12,7 @@ import torch
 import sq_kernels as sq
 
 from conftest import calib_tokens, make_model
+from conftest import logits as _logits
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -20,11 +21,6 @@ def _quantized(family, scheme):
     model = make_model(family)
     sq.smoothquant(model, calib_tokens(), sq.SmoothQuantConfig(progress=False, scheme=scheme))
     return model
-
-
-def _logits(model, x):
-    with torch.no_grad():
-        return model(x).logits
 
 
 @pytest.mark.parametrize("family,scheme", [("llama", "W8A8"), ("opt", "O3"), ("bloom", "O2")])

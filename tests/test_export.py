@@ -12,19 +12,9 @@ from sq_kernels.export import export_compressed_tensors, load_compressed_tensors
 from sq_kernels.nn import W8A8Linear
 
 from conftest import calib_tokens, make_model
+from conftest import logits as _logits, quantized as _quantized
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _quantized(family="llama", **cfg):
-    model = make_model(family)
-    sq.smoothquant(model, calib_tokens(), sq.SmoothQuantConfig(progress=False, **cfg))
-    return model
-
-
-def _logits(model, x):
-    with torch.no_grad():
-        return model(x).logits
 
 
 @pytest.mark.parametrize("family,scheme", [("llama", "W8A8"), ("opt", "O3"), ("qwen2", "O1")])

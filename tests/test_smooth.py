@@ -12,17 +12,13 @@ from sq_kernels.families import UnsupportedModelError
 from sq_kernels.smooth import smoothing_scale
 
 from conftest import FAMILIES, calib_tokens, make_model
+from conftest import logits as _logits
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cfg(**kw):
     return sq.SmoothQuantConfig(progress=False, **kw)
-
-
-def _logits(model, x):
-    with torch.no_grad():
-        return model(x).logits
 
 
 def _max_rel_diff(a, b):

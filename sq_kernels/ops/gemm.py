@@ -65,13 +65,16 @@ def check_operands(name: str, a: torch.Tensor, w: torch.Tensor) -> None:
 
 
 def misaligned_vector(t) -> bool:
-    """A float32 vector whose data does not start on a 16-byte boundary: the sm80 epilogue loads ``w_scale``
-    and ``bias`` 16 bytes at a time (a view such as ``v[1:]`` would fault there)."""
-    return (isinstance(t, torch.Tensor) and t.numel() > 1 and not torch.compiler.is_compiling()
-            and (t.storage_offset() * t.element_size()) % ALIGN != 0)
+    """A vector whose data does not start on a 16-byte boundary: the sm80 epilogue loads ``w_scale`` and
+    ``bias`` 16 bytes at a time (a view such as ``v[1:]`` would fault there). Eager only (Dynamo cannot
+    trace storage_offset); a tensor of its own (offset 0, the usual case) is decided by the first test."""
+    return (isinstance(t, torch.Tensor) and not torch.compiler.is_compiling() and t.storage_offset() != 0
+            and t.numel() > 1 and (t.storage_offset() * t.element_size()) % ALIGN != 0)
 
 
-def _check_vector(name: str, arg: str, t, length: int, what: str, device, dtypes=(torch.float32,)) -> None:
+def _check_vector(name: str, arg: str, t, length: int, what: str, device, dtypes=(torch.float32,),
+                  aligned: bool = False) -> None:
+    """``aligned``: read 16 bytes at a time by a kernel (``w_scale``, ``bias``), so it must start aligned."""
     if not isinstance(t, torch.Tensor):
         _fail(f"{name}: {arg} must be a tensor, got {type(t).__name__}")
     if t.dtype not in dtypes:
@@ -82,7 +85,7 @@ def _check_vector(name: str, arg: str, t, length: int, what: str, device, dtypes
         _fail(f"{name}: {arg} must have 1 element or shape [{length}] ({what}), got shape {tuple(t.shape)}")
     if t.numel() > 1 and t.stride(0) != 1:
         _fail(f"{name}: {arg} must be contiguous")
-    if arg in ("w_scale", "bias") and misaligned_vector(t):
+    if aligned and misaligned_vector(t):
         _fail(f"{name}: {arg} starts {t.storage_offset()} elements into its storage; per-channel vectors must "
               f"start on a 16-byte boundary (pass {arg}.clone(); ops.scaled_mm does that for you)")
 
@@ -92,9 +95,9 @@ def check_scaled_mm(a, w, a_scale, w_scale, bias, out_dtype, out_scale, relu) ->
     check_operands(name, a, w)
     m, n = a.shape[0], w.shape[0]
     _check_vector(name, "a_scale", a_scale, m, "per-tensor or per-token [M]", a.device)
-    _check_vector(name, "w_scale", w_scale, n, "per-tensor or per-channel [N]", a.device)
+    _check_vector(name, "w_scale", w_scale, n, "per-tensor or per-channel [N]", a.device, aligned=True)
     if bias is not None:
-        _check_vector(name, "bias", bias, n, "one per output channel", a.device)
+        _check_vector(name, "bias", bias, n, "one per output channel", a.device, aligned=True)
         if bias.numel() != n or bias.dim() != 1:
             _fail(f"{name}: bias must have shape [{n}], got {tuple(bias.shape)}")
     if out_dtype not in OUT_DTYPES:

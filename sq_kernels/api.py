@@ -156,9 +156,9 @@ def smoothquant(model: nn.Module, data=None, config: SmoothQuantConfig | None = 
     """Calibrate, smooth and quantize ``model`` in place: the whole SmoothQuant recipe in one call.
 
     Args:
-        model: an HF causal LM of a supported family (OPT, Llama, Mistral, Mixtral, BLOOM, Falcon, Qwen2,
-            Qwen3, Phi-3),
-            or any model with ``config.family`` given.
+        model: an HF causal LM of a supported family (``sq_kernels.families.supported_model_types()``: OPT,
+            Llama, Mistral, Mixtral, BLOOM, Falcon, Qwen2, Qwen3, Qwen2/3-MoE, Phi-3, Gemma 1/2/3), or any
+            model with ``config.family`` given.
         data: calibration data (token tensors, strings with ``tokenizer``, a local .txt / .jsonl path); may be
             None when ``stats`` is given and alpha is not "auto" (then it is not read at all).
         config: ``SmoothQuantConfig``.

@@ -571,6 +571,8 @@ def default_targets(model, family=None) -> dict[str, nn.Module]:
         config = getattr(model, "config", None)
         for lname, layer in layers:
             for group in spec.active_groups(config, fold_linear_pairs=True):
+                if not group.present(layer):
+                    continue
                 for target in group.targets:
                     try:
                         targets[f"{lname}.{target}"] = get_submodule(layer, target)

@@ -346,6 +346,32 @@ def model_class(name: str, where: str):
     return cls
 
 
+def skeleton(cls, config, device) -> nn.Module:
+    """``cls(config)`` with every parameter on the meta device (nothing allocated, no initialisation run) and
+    every buffer computed by the modules' own constructors and moved to ``device``: rotary tables, Gemma's
+    embedding scale and the like, which a checkpoint does not store. Parameters are created on the CPU for
+    an instant (uninitialised ``torch.empty``: untouched pages) and replaced by meta tensors as each is
+    registered."""
+    original = nn.Module.register_parameter
+
+    def register_on_meta(module, name, param):
+        if param is not None and not param.is_meta:
+            param = type(param)(param.data.to("meta"), requires_grad=param.requires_grad)
+        original(module, name, param)
+
+    nn.Module.register_parameter = register_on_meta
+    try:
+        with torch.device("cpu"):
+            model = cls(config)
+    finally:
+        nn.Module.register_parameter = original
+    for module in model.modules():
+        for name, buf in module._buffers.items():
+            if buf is not None and not buf.is_meta:
+                module._buffers[name] = buf.to(device)
+    return model
+
+
 def cast_floats_(tensors: dict[str, torch.Tensor], dtype, keep: set[str]) -> None:
     """Cast the floating-point tensors of ``tensors`` (in place, one at a time) to ``dtype``, except ``keep``."""
     for key, t in tensors.items():

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .checkpoint import (CheckpointError, _all_tensors, _kept_float32, cast_floats_, check_device,
-                         check_float_dtype, finish_loading, model_class, stored_float_dtype, unwrap_compiled)
+                         check_float_dtype, finish_loading, model_class, skeleton, stored_float_dtype, unwrap_compiled)
 from .nn import W8A8Experts, W8A8Linear
 
 WEIGHTS = {"per_channel": "channel", "per_tensor": "tensor"}
@@ -193,8 +193,7 @@ def load_compressed_tensors(path, device=None, dtype=None) -> nn.Module:
     missing_files = [f.name for f in files if not f.is_file()]
     if missing_files:
         raise CheckpointError(f"{path}: weight files missing: {missing_files[:4]}")
-    with torch.device("meta"):
-        model = cls(config)
+    model = skeleton(cls, config, device)  # parameters on meta; buffers (rotary tables...) built for real
     for name, m in list(model.named_modules()):
         if isinstance(m, nn.Linear) and not _ignored(name, ignore):
             parent, _, child = name.rpartition(".")
@@ -237,17 +236,6 @@ def load_compressed_tensors(path, device=None, dtype=None) -> nn.Module:
     model.load_state_dict(state, strict=False, assign=True)
     if tied:
         model.tie_weights()
-    for owner_name, owner in model.named_modules():  # non-persistent buffers (rotary tables): rebuild them
-        if any(b is not None and b.is_meta for b in owner._buffers.values()):
-            try:
-                with torch.device(device):
-                    fresh = type(owner)(config=model.config)
-            except TypeError as exc:
-                raise CheckpointError(f"{owner_name}: its buffers are not stored in a checkpoint and "
-                                      f"{type(owner).__name__}(config=...) cannot rebuild them: {exc}") from None
-            for b, value in fresh._buffers.items():
-                if owner._buffers.get(b) is not None and owner._buffers[b].is_meta:
-                    owner._buffers[b] = value
     return finish_loading(model, path, dtype, path)
 
 

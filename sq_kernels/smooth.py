@@ -89,6 +89,7 @@ class GroupPlan:
     targets: tuple[str, ...]
     act: torch.Tensor   # max|X_j| [K]
     w: torch.Tensor     # max|W_j| [K]
+    weight_offset: float = 0.0  # the norm scales by (offset + weight): Gemma
 
     def full(self, rel: str) -> str:
         return f"{self.layer}.{rel}"
@@ -161,6 +162,8 @@ def plan_smoothing(model, stats: ActStats, config: SmoothQuantConfig,
         raise ValueError(f"{spec.name}: the model has no decoder layers at {spec.layers!r}")
     for lname, layer in layers:
         for group in spec.active_groups(model_config, config.fold_linear_pairs):
+            if not group.present(layer):
+                continue
             targets = {f"{lname}.{t}": get_submodule(layer, t) for t in group.targets}
             w = weight_absmax(targets)
             act = None
@@ -173,7 +176,8 @@ def plan_smoothing(model, stats: ActStats, config: SmoothQuantConfig,
             if not torch.isfinite(act).all():
                 raise ValueError(f"non-finite activation statistics for {list(targets)}; refusing to smooth")
             _check_source(layer, lname, group, w.shape[0])
-            plans.append(GroupPlan(lname, group.source, group.kind, tuple(group.targets), act, w))
+            plans.append(GroupPlan(lname, group.source, group.kind, tuple(group.targets), act, w,
+                                   group.weight_offset))
     return plans, skipped
 
 
@@ -185,8 +189,8 @@ def fold_(layer: nn.Module, plan: GroupPlan, s: torch.Tensor) -> None:
         w = source.weight
         w.copy_((w.to(torch.float32) / s.to(w.device).unsqueeze(1)).to(w.dtype))
     else:
-        w = source.weight
-        w.copy_((w.to(torch.float32) / s.to(w.device)).to(w.dtype))
+        w, offset = source.weight, plan.weight_offset
+        w.copy_(((w.to(torch.float32) + offset) / s.to(w.device) - offset).to(w.dtype))
     bias = getattr(source, "bias", None)
     if isinstance(bias, torch.Tensor):
         bias.copy_((bias.to(torch.float32) / s.to(bias.device)).to(bias.dtype))

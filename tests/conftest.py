@@ -13,6 +13,7 @@ OUTLIER_CHANNELS = (3, 17, 42)   # norm channels scaled up, as in real LLMs (a f
 OUTLIER_FACTOR = 40.0
 
 FAMILIES = ("opt", "llama", "mistral", "mixtral", "bloom", "falcon", "qwen2")
+NEWER_FAMILIES = ("qwen3", "phi3", "qwen3_moe", "qwen2_moe", "gemma", "gemma2", "gemma3_text")
 
 
 def tiny_config(family: str, **overrides):
@@ -45,6 +46,19 @@ def tiny_config(family: str, **overrides):
     elif family == "phi3":
         cfg = T.Phi3Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                            num_key_value_heads=4, max_position_embeddings=128, pad_token_id=0, **common)
+    elif family == "qwen3_moe":  # layer 0 dense (mlp_only_layers), layer 1 sparse
+        cfg = T.Qwen3MoeConfig(hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=4,
+                               num_experts_per_tok=2, mlp_only_layers=[0], max_position_embeddings=128, **common)
+    elif family == "qwen2_moe":
+        cfg = T.Qwen2MoeConfig(hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                               shared_expert_intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                               num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, mlp_only_layers=[0],
+                               max_position_embeddings=128, **common)
+    elif family in ("gemma", "gemma2", "gemma3_text"):
+        cls = {"gemma": T.GemmaConfig, "gemma2": T.Gemma2Config, "gemma3_text": T.Gemma3TextConfig}[family]
+        cfg = cls(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, max_position_embeddings=128, pad_token_id=0, **common)
     else:
         raise ValueError(family)
     for k, v in overrides.items():
@@ -63,7 +77,10 @@ def plant_outliers(model, factor: float = OUTLIER_FACTOR, channels=OUTLIER_CHANN
     with torch.no_grad():
         for _, layer in decoder_layers(model, spec):
             for group in spec.active_groups(model.config):
-                get_submodule(layer, group.source).weight[channels] *= factor
+                if not group.present(layer):
+                    continue
+                weight, offset = get_submodule(layer, group.source).weight, group.weight_offset
+                weight[channels] = (weight[channels] + offset) * factor - offset  # Gemma: the norm scales by 1 + w
                 for target in group.targets:
                     module = get_submodule(layer, target)
                     weight = module.gate_up_proj if hasattr(module, "gate_up_proj") else module.weight

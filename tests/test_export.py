@@ -17,7 +17,7 @@ from conftest import logits as _logits, quantized as _quantized
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.mark.parametrize("family,scheme", [("llama", "W8A8"), ("opt", "O3"), ("qwen2", "O1")])
+@pytest.mark.parametrize("family,scheme", [("llama", "W8A8"), ("opt", "O3"), ("qwen2", "O1"), ("gemma2", "W8A8")])
 def test_export_layout_and_round_trip(family, scheme, tmp_path):
     model = _quantized(family, scheme=scheme)
     export_compressed_tensors(model, tmp_path / "ct")
@@ -45,6 +45,22 @@ def test_export_layout_and_round_trip(family, scheme, tmp_path):
     assert type(loaded) is type(model)
     x = calib_tokens(2, 16, seed=3)
     assert torch.equal(_logits(loaded, x), _logits(model, x))
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_skeleton_has_meta_parameters_and_real_buffers(family):
+    # the loader's model: no parameter allocated, every buffer a checkpoint does not store (rotary tables,
+    # Gemma's embedding scale) computed by the modules themselves, as in a model built for real
+    from sq_kernels.checkpoint import skeleton
+    real = make_model(family, outliers=False)
+    empty = skeleton(type(real), real.config, torch.device("cpu"))
+    assert all(p.is_meta for p in empty.parameters())
+    assert [n for n, _ in empty.named_parameters()] == [n for n, _ in real.named_parameters()]
+    buffers = dict(real.named_buffers())
+    assert dict(empty.named_buffers()).keys() == buffers.keys() and buffers
+    for name, b in empty.named_buffers():
+        assert not b.is_meta and torch.equal(b, buffers[name]), name
+    assert not torch.nn.Module.register_parameter.__name__.startswith("register_on")  # the patch is undone
 
 
 def test_falcon_linears_and_kept_ones_are_handled(tmp_path):

@@ -13,7 +13,7 @@ from sq_kernels.families import (FamilySpec, SmoothGroup, UnsupportedModelError,
                                  family_of, register_family, supported_model_types)
 from sq_kernels.smooth import plan_smoothing
 
-from conftest import FAMILIES, calib_tokens, make_model, sqnr
+from conftest import FAMILIES, NEWER_FAMILIES, calib_tokens, make_model, sqnr
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -37,6 +37,9 @@ def test_registry_lists_every_family():
     assert set(FAMILIES) <= set(supported_model_types())
     names = {family_for_model_type(t).name for t in FAMILIES}
     assert names == {"OPT", "Llama", "Mistral", "Mixtral", "BLOOM", "Falcon", "Qwen2"}
+    assert set(NEWER_FAMILIES) <= set(supported_model_types())
+    for model_type in NEWER_FAMILIES:  # every table the registry names is also in the error's list
+        assert f"({model_type})" in str(pytest.raises(UnsupportedModelError, family_for_model_type, "gpt2").value)
     with pytest.raises(UnsupportedModelError, match="gpt2.*Supported: OPT"):
         family_for_model_type("gpt2")
 
@@ -129,10 +132,10 @@ def test_table_that_does_not_match_the_model():
         sq.smooth_(model, stats, _cfg(family=wrong))
 
 
-@pytest.mark.parametrize("family", ["qwen3", "phi3"])
-def test_qwen3_and_phi3_tables(family, tmp_path, capsys):
-    # the whole recipe on the two newer tables: neutral smoothing, SmoothQuant well above naive W8A8,
-    # the save -> load round trip and generate()
+@pytest.mark.parametrize("family", NEWER_FAMILIES)
+def test_newer_family_tables(family, tmp_path, capsys):
+    # the whole recipe on the newer tables: neutral smoothing (Gemma's 1 + w norms included), SmoothQuant
+    # well above naive W8A8, the save -> load round trip and generate()
     fp = make_model(family)
     x = calib_tokens(4, 32, seed=7)
     with torch.no_grad():
@@ -140,7 +143,8 @@ def test_qwen3_and_phi3_tables(family, tmp_path, capsys):
     smoothed = copy.deepcopy(fp)
     stats = collect_act_stats(smoothed, calib_tokens(), progress=False)
     report = sq.smooth_(smoothed, stats, _cfg())
-    assert {g["source"] for g in report.groups} == {"input_layernorm", "post_attention_layernorm"}
+    mlp_norm = "pre_feedforward_layernorm" if family in ("gemma2", "gemma3_text") else "post_attention_layernorm"
+    assert {g["source"] for g in report.groups} == {"input_layernorm", mlp_norm}
     with torch.no_grad():
         assert torch.allclose(smoothed(x).logits, ref, rtol=1e-4, atol=1e-4)  # smoothing is neutral
     sq.quantize_(smoothed, _cfg(), stats=report.stats)
@@ -159,3 +163,42 @@ def test_qwen3_and_phi3_tables(family, tmp_path, capsys):
     out = loaded.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=4, do_sample=False,
                           pad_token_id=0)
     assert out.shape == (1, 10)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe"])
+def test_moe_models_mixing_dense_and_sparse_layers(family):
+    # layer 0 is dense (mlp_only_layers=[0]), layer 1 sparse: each gets the groups of the MLP it has, the
+    # router (and Qwen2-MoE's one-output shared-expert gate) absorb s but stay in floating point
+    from sq_kernels.nn import W8A8Experts, W8A8Linear
+    model = make_model(family)
+    stats = collect_act_stats(model, calib_tokens(2, 16), progress=False)
+    plans, _ = plan_smoothing(model, stats, _cfg(fold_linear_pairs=True), family_of(model))
+    by_layer = {}
+    for p in plans:
+        by_layer.setdefault(p.layer, set()).update(p.targets)
+    assert {"mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"} <= by_layer["model.layers.0"]
+    assert not any("expert" in t for t in by_layer["model.layers.0"])
+    sparse = by_layer["model.layers.1"]
+    assert {"mlp.gate", "mlp.experts"} <= sparse and not {"mlp.gate_proj", "mlp.up_proj"} & sparse
+    if family == "qwen2_moe":
+        assert {"mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj", "mlp.shared_expert_gate",
+                "mlp.shared_expert.down_proj"} <= sparse
+    report = sq.smoothquant(model, calib_tokens(), _cfg())
+    assert isinstance(model.get_submodule("model.layers.1.mlp.experts"), W8A8Experts)
+    assert isinstance(model.get_submodule("model.layers.0.mlp.down_proj"), W8A8Linear)
+    kept = {"model.layers.1.mlp.gate"} | ({"model.layers.1.mlp.shared_expert_gate"} if family == "qwen2_moe" else set())
+    assert kept <= set(report.kept) and all(type(model.get_submodule(n)).__name__ != "W8A8Linear" for n in kept)
+
+
+def test_gemma_norm_fold_divides_one_plus_weight():
+    # Gemma's RMSNorm scales by (1 + w): after smoothing, 1 + w' must equal (1 + w) / s channel by channel
+    model = make_model("gemma")
+    norm = model.model.layers[0].input_layernorm
+    before = norm.weight.detach().clone()
+    stats = collect_act_stats(model, calib_tokens(2, 16), progress=False)
+    report = sq.smooth_(model, stats, _cfg(alpha=0.5))
+    group = next(g for g in report.groups if g["layer"] == "model.layers.0" and g["source"] == "input_layernorm")
+    ratio = (1 + before) / (1 + norm.weight.detach())  # = s
+    assert float(ratio.min()) == pytest.approx(group["s_min"], rel=1e-5)
+    assert float(ratio.max()) == pytest.approx(group["s_max"], rel=1e-5)
+    assert group["s_max"] > 2.0  # the planted outlier channels were scaled down

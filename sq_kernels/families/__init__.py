@@ -23,6 +23,11 @@ _REGISTRY: dict[str, str] = {
     "qwen2": "sq_kernels.families.qwen2",
     "qwen3": "sq_kernels.families.qwen3",
     "phi3": "sq_kernels.families.phi3",
+    "qwen2_moe": "sq_kernels.families.qwen2_moe",
+    "qwen3_moe": "sq_kernels.families.qwen3_moe",
+    "gemma": "sq_kernels.families.gemma",
+    "gemma2": "sq_kernels.families.gemma2",
+    "gemma3_text": "sq_kernels.families.gemma3",
 }
 _USER: dict[str, "FamilySpec"] = {}
 
@@ -36,16 +41,24 @@ class SmoothGroup:
     (``nn.Linear.weight [N, K]``, a router ``weight [E, K]``, fused experts ``gate_up_proj [E, 2I, K]``)
     are multiplied by ``s``. Paths are relative to one decoder layer.
 
-    ``when`` (config -> bool) enables the group for some configurations only (Falcon's variants).
+    ``when`` (config -> bool) enables the group for some configurations only (Falcon's variants);
+    ``in_layer`` (decoder layer -> bool) for some layers only (MoE models that mix dense and sparse MLPs).
+    ``weight_offset``: the norm multiplies by ``weight_offset + weight`` (Gemma's RMSNorm: 1), so the fold
+    divides that sum, not the stored weight.
     """
     source: str
     targets: tuple[str, ...]
     kind: str = "norm"
     when: Callable | None = None
     note: str = ""
+    in_layer: Callable | None = None
+    weight_offset: float = 0.0
 
     def applies(self, config) -> bool:
         return self.when is None or bool(self.when(config))
+
+    def present(self, layer) -> bool:
+        return self.in_layer is None or bool(self.in_layer(layer))
 
 
 @dataclass(frozen=True)
@@ -99,7 +112,8 @@ def supported_model_types() -> list[str]:
 
 def supported_families_text() -> str:
     return ("OPT (opt), Llama 1/2/3 (llama), Mistral (mistral), Mixtral (mixtral), BLOOM (bloom), "
-            "Falcon (falcon), Qwen2 (qwen2), Qwen3 (qwen3), Phi-3 (phi3)" + (f"; registered: {sorted(_USER)}" if _USER else ""))
+            "Falcon (falcon), Qwen2 (qwen2), Qwen3 (qwen3), Qwen2-MoE (qwen2_moe), Qwen3-MoE (qwen3_moe), "
+            "Phi-3 (phi3), Gemma (gemma), Gemma 2 (gemma2), Gemma 3 text (gemma3_text)" + (f"; registered: {sorted(_USER)}" if _USER else ""))
 
 
 class UnsupportedModelError(ValueError):

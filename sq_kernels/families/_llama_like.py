@@ -17,3 +17,19 @@ PAIRS = (
                 note="skipped with grouped-query attention"),
     SmoothGroup("mlp.up_proj", ("mlp.down_proj",), kind="linear"),
 )
+
+
+def sparse_mlp(layer) -> bool:
+    """The layer's MLP is a mixture of experts (MoE models may keep some layers dense)."""
+    return hasattr(layer.mlp, "experts")
+
+
+def dense_mlp(layer) -> bool:
+    return not sparse_mlp(layer)
+
+
+# MoE models whose layers are either the Llama-style gated MLP or a sparse block (router ``mlp.gate`` and
+# fused ``mlp.experts``): each layer gets the groups of the MLP it has.
+DENSE_MLP = SmoothGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), in_layer=dense_mlp)
+DENSE_PAIR = SmoothGroup("mlp.up_proj", ("mlp.down_proj",), kind="linear", in_layer=dense_mlp)
+ROUTER_KEEP_FP = ("mlp.gate", "MoE router: tiny, and its top-k routing is sensitive to error")

@@ -188,7 +188,8 @@ def smoothquant(model: nn.Module, data=None, config: SmoothQuantConfig | None = 
     batches = (calibration_batches(data, tokenizer, config.num_samples, config.seq_len, config.batch_size)
                if needs_data else None)
     if stats is None:
-        stats = collect_act_stats(model, batches, family=config.family, progress=config.progress)
+        stats = collect_act_stats(model, batches, family=config.family, progress=config.progress,
+                                  device=config.calibration_device)
     smoothing = None
     quant_stats = stats
     if config.smooth:

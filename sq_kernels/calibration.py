@@ -179,6 +179,8 @@ class ExpertDownAbsMax:
 
     def update(self, e: int, h: torch.Tensor) -> None:
         if h.numel():
+            if self.amax.device != h.device:  # experts run on another device (layer-by-layer calibration)
+                self.amax = self.amax.to(h.device)
             torch.maximum(self.amax[e], h.detach().abs().amax(dim=0).to(torch.float32), out=self.amax[e])
             self.tokens[e] += h.shape[0]
 
@@ -596,7 +598,7 @@ def _first_tensor(args, kwargs):
 @torch.no_grad()
 def collect_act_stats(model, data, tokenizer=None, *, num_samples: int = 128, seq_len: int = 512,
                       batch_size: int = 1, targets: dict[str, nn.Module] | None = None, family=None,
-                      progress: bool = True) -> ActStats:
+                      progress: bool = True, device=None) -> ActStats:
     """Run ``model`` on calibration ``data`` and return the per-channel input abs-max of each target module.
 
     Args:
@@ -609,6 +611,11 @@ def collect_act_stats(model, data, tokenizer=None, *, num_samples: int = 128, se
         targets: ``{name: module}`` to observe (default: ``default_targets(model)``).
         family: a ``FamilySpec`` overriding the registered table (for the router targets).
         progress: tqdm progress bar.
+        device: where to run (default: where the model is). When the model's weights are elsewhere (a model in
+            CPU memory too large for the GPU, ``device="cuda"``), the decoder layers are run one at a time: each
+            goes to ``device``, runs on every batch and comes back (``sq_kernels.layerwise``); the modules
+            outside the layers (embeddings, final norm, head) stay on ``device`` meanwhile. The statistics
+            are those of a whole-model run, and the model is left where it was.
 
     Returns:
         ``ActStats`` (``meta["num_samples"]`` / ``meta["num_tokens"]``: how much data was used); raises
@@ -627,7 +634,8 @@ def collect_act_stats(model, data, tokenizer=None, *, num_samples: int = 128, se
     targets = default_targets(model, family) if targets is None else targets
     if not targets:
         raise ValueError(f"collect_act_stats: {type(model).__name__} has no nn.Linear or experts module to observe")
-    device = model_device(model)
+    runner = _layerwise_runner(model, batches, device, family, "collect_act_stats")
+    device = model_device(model) if runner is None else runner.device
     observers, down_observers, handles, patched = {}, {}, [], []
 
     def make_hook(obs):
@@ -637,29 +645,40 @@ def collect_act_stats(model, data, tokenizer=None, *, num_samples: int = 128, se
                 obs.update(x)
         return hook
 
-    for name, module in targets.items():
-        obs = observers[name] = RunningAbsMax()
-        if fused_experts_problem(module) is None:
-            e, two_i, _ = module.gate_up_proj.shape
-            down = down_observers[name] = ExpertDownAbsMax(e, two_i // 2, module.gate_up_proj.device)
-
-            def forward(hidden_states, top_k_index, top_k_weights, _m=module, _obs=obs, _down=down):
-                _obs.update(hidden_states)
-                return experts_forward_float(_m, hidden_states, top_k_index, top_k_weights, _down.update)
-            module.forward = forward  # instance attribute: shadows the class forward during calibration
-            patched.append(module)
-        else:
-            handles.append(module.register_forward_pre_hook(make_hook(obs), with_kwargs=True))
     was_training = model.training
     model.eval()
     try:
-        for batch in _progress(batches, progress, desc="calibrating", unit="batch"):
-            run_model(model, batch.to(device))
+        if runner is not None:  # the layers' calls are recorded before any observer is attached
+            runner.__enter__()
+            runner.record()
+        for name, module in targets.items():
+            obs = observers[name] = RunningAbsMax()
+            if fused_experts_problem(module) is None:
+                e, two_i, _ = module.gate_up_proj.shape
+                down = down_observers[name] = ExpertDownAbsMax(e, two_i // 2, module.gate_up_proj.device)
+
+                def forward(hidden_states, top_k_index, top_k_weights, _m=module, _obs=obs, _down=down):
+                    _obs.update(hidden_states)
+                    return experts_forward_float(_m, hidden_states, top_k_index, top_k_weights, _down.update)
+                module.forward = forward  # instance attribute: shadows the class forward during calibration
+                patched.append(module)
+            else:
+                handles.append(module.register_forward_pre_hook(make_hook(obs), with_kwargs=True))
+        if runner is None:
+            for batch in _progress(batches, progress, desc="calibrating", unit="batch"):
+                run_model(model, batch.to(device))
+        else:
+            final = runner.walk(progress=progress, desc=f"calibrating layer by layer on {device}")
+            inside = tuple(f"{name}." for name, _ in runner.layers)
+            if any(not name.startswith(inside) for name in targets):  # e.g. lm_head
+                runner.tail(final)
     finally:
         for h in handles:
             h.remove()
         for module in patched:
             del module.forward
+        if runner is not None:
+            runner.__exit__()
         model.train(was_training)
     absmax, tokens = {}, {}
     for name, obs in observers.items():
@@ -675,6 +694,28 @@ def collect_act_stats(model, data, tokenizer=None, *, num_samples: int = 128, se
     if never:
         meta["never_called"] = never
     return ActStats(absmax, tokens, meta)
+
+
+def _layerwise_runner(model, batches, device, family, what: str):
+    """A ``LayerwiseRun`` when ``device`` is not where the model's weights are, else None."""
+    if device is None:
+        return None
+    from .checkpoint import check_device
+    from .families import UnsupportedModelError, decoder_layers, family_of
+    from .layerwise import LayerwiseRun
+    target = check_device(device, "device")
+    if target.type == "cuda" and target.index is None:
+        target = torch.device("cuda", torch.cuda.current_device())
+    if target == model_device(model):
+        return None
+    check_in_memory(model, what)
+    try:
+        layers = decoder_layers(model, family_of(model, family))
+    except (UnsupportedModelError, ValueError) as exc:
+        raise ValueError(f"{what}: device={str(target)!r} is not where the model is ({model_device(model)}), so it "
+                         f"would run one decoder layer at a time, which needs the model's decoder layers: {exc}. "
+                         f"Move the model to {target} instead, or pass family=") from None
+    return LayerwiseRun(model, layers, batches, target, run_model)
 
 
 def check_stats_source(model, stats: "ActStats", what: str) -> None:

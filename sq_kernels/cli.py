@@ -30,10 +30,11 @@ def _dtype(name: str):
     return None if name == "auto" else getattr(torch, name)
 
 
-def _check_device(device: str) -> None:
-    """--device names a device this machine has (before anything is loaded)."""
+def _check_device(device: str | None, flag: str = "--device") -> None:
+    """``flag`` names a device this machine has (before anything is loaded); None: not given."""
     from .checkpoint import check_device
-    check_device(device, "--device")
+    if device is not None:
+        check_device(device, flag)
 
 
 def _check_writable_file(path: str | None, flag: str, overwrite: bool = False) -> None:
@@ -86,7 +87,8 @@ def _config_from_args(args):
     config = SmoothQuantConfig(alpha=alpha, scheme=args.scheme, weight=args.weight, activation=args.activation,
                                exclude=tuple(args.exclude), smooth=not args.no_smooth,
                                fold_linear_pairs=args.fold_linear_pairs, num_samples=args.num_samples,
-                               seq_len=args.seq_len, batch_size=args.batch_size, progress=not args.no_progress)
+                               seq_len=args.seq_len, batch_size=args.batch_size,
+                               calibration_device=args.calib_device, progress=not args.no_progress)
     for pattern in args.fp:
         config.set_local(pattern, "fp")
     if args.include:
@@ -157,12 +159,13 @@ def _check_quantize_args(args, config) -> None:
 def cmd_calibrate(args) -> int:
     from .calibration import collect_act_stats
     _check_device(args.device)
+    _check_device(args.calib_device, "--calib-device")
     _check_writable_file(args.out, "--out", args.overwrite)
     data = _texts_or_path(args.data, args.text_field, "--data")
     model = _load_model(args.model, args.device, args.dtype)
     tokenizer = _load_tokenizer(args.tokenizer or args.model, required=_is_text_file(args.data))
     stats = collect_act_stats(model, data, tokenizer, num_samples=args.num_samples, seq_len=args.seq_len,
-                              batch_size=args.batch_size, progress=not args.no_progress)
+                              batch_size=args.batch_size, progress=not args.no_progress, device=args.calib_device)
     stats.save(args.out)
     print(f"saved statistics of {len(stats)} modules ({stats.meta.get('num_tokens')} tokens) to {args.out}")
     return 0
@@ -175,6 +178,7 @@ def cmd_quantize(args) -> int:
     config = _config_from_args(args)
     _check_quantize_args(args, config)
     _check_device(args.device)
+    _check_device(args.calib_device, "--calib-device")
     stats = ActStats.load(args.stats) if args.stats else None
     use_data = stats is None or config.alpha == "auto"  # with --stats, --data only feeds alpha=auto
     data = _texts_or_path(args.data, args.text_field, "--data") if use_data else None
@@ -183,7 +187,8 @@ def cmd_quantize(args) -> int:
     if stats is None and args.save_stats:
         from .calibration import collect_act_stats
         stats = collect_act_stats(model, data, tokenizer, num_samples=config.num_samples, seq_len=config.seq_len,
-                                  batch_size=config.batch_size, progress=config.progress)
+                                  batch_size=config.batch_size, progress=config.progress,
+                                  device=config.calibration_device)
         stats.save(args.save_stats)
         print(f"saved the calibration statistics to {args.save_stats}")
     report = smoothquant(model, data, config, tokenizer=tokenizer, stats=stats)
@@ -458,6 +463,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--num-samples", type=int, default=128, help="calibration samples (default 128)")
         p.add_argument("--seq-len", type=int, default=512, help="tokens per sample (default 512)")
         p.add_argument("--batch-size", type=int, default=1, help="samples per forward pass (default 1)")
+        p.add_argument("--calib-device", help="run calibration (and --alpha auto) here (default: --device); with "
+                                              "--device cpu --calib-device cuda, a model larger than the GPU is "
+                                              "calibrated on the GPU one decoder layer at a time")
 
     def runtime(p):
         p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
@@ -530,6 +538,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     runtime(p)
     p.set_defaults(func=cmd_bench, include=[], exclude=["lm_head"], fp=[], no_smooth=False, fold_linear_pairs=False,
+                   calib_device=None,
                    num_samples=4, seq_len=128, batch_size=1)
 
     p = sub.add_parser("export", help="write a quantized checkpoint as compressed-tensors (vLLM's INT8 W8A8 format)")

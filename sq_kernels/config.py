@@ -83,6 +83,10 @@ class SmoothQuantConfig:
             without grouped-query attention).
         family: a ``sq_kernels.families.FamilySpec`` to use instead of the registered table.
         num_samples / seq_len / batch_size: calibration data (samples of ``seq_len`` tokens).
+        calibration_device: where calibration and the alpha search run (default: where the model is). A
+            device other than the model's (``"cuda"`` for a model in CPU memory too large for the GPU) runs
+            the decoder layers one at a time on it (``sq_kernels.layerwise``); smoothing and quantization
+            then happen where the model is.
         progress: show tqdm progress bars.
     """
     alpha: float | str | None = None
@@ -100,6 +104,7 @@ class SmoothQuantConfig:
     num_samples: int = 128
     seq_len: int = 512
     batch_size: int = 1
+    calibration_device: str | None = None
     progress: bool = True
 
     def __post_init__(self):
@@ -125,6 +130,18 @@ class SmoothQuantConfig:
         self.default_scheme()  # validates weight / activation overrides
         for key, value in self.local.items():
             _check_local(key, value)
+        if self.calibration_device is not None:
+            import torch
+            device = self.calibration_device
+            if isinstance(device, bool) or not isinstance(device, (str, int, torch.device)) or \
+                    (isinstance(device, int) and device < 0):
+                raise ValueError(f"calibration_device must be None, a device string such as 'cuda' or 'cuda:1', a "
+                                 f"torch.device or a GPU index, got {type(device).__name__} {device!r}")
+            try:
+                self.calibration_device = str(torch.device(f"cuda:{device}" if isinstance(device, int) else device))
+            except (RuntimeError, ValueError):
+                raise ValueError(f"calibration_device must be a device such as 'cuda' or 'cuda:1', got {device!r}") \
+                    from None
         for name in ("num_samples", "seq_len", "batch_size", "alpha_search_batches"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

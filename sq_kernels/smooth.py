@@ -27,10 +27,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .calibration import (ActStats, calibration_batches, check_in_memory, check_stats_match_smoothing,
-                          check_stats_source, check_token_ids, is_smoothed, model_device, run_model)
+from .calibration import (ActStats, _layerwise_runner, calibration_batches, check_in_memory,
+                          check_stats_match_smoothing, check_stats_source, check_token_ids, is_smoothed, model_device,
+                          run_model)
 from .config import SmoothQuantConfig, as_config, check_alpha
 from .families import FamilySpec, decoder_layers, family_of, get_submodule
+from .layerwise import LayerwiseRun, hidden_out
 
 W_FLOOR = 1e-5
 S_MIN, S_MAX = 1e-5, 1e5
@@ -276,43 +278,6 @@ def smooth_(model, stats: ActStats, config: SmoothQuantConfig | None = None, dat
 # -------------------------------------------------------------------------------------- alpha search
 
 
-class _StopForward(Exception):
-    pass
-
-
-def _capture_layer_inputs(model, layer: nn.Module, batches) -> list[tuple[tuple, dict]]:
-    captured = []
-
-    def hook(module, args, kwargs):
-        captured.append((tuple(args), dict(kwargs)))
-        raise _StopForward
-
-    handle = layer.register_forward_pre_hook(hook, with_kwargs=True)
-    device = model_device(model)
-    try:
-        for batch in batches:
-            check_token_ids(model, batch)
-            try:
-                run_model(model, batch.to(device))
-            except _StopForward:
-                pass
-    finally:
-        handle.remove()
-    if len(captured) != len(batches):
-        raise RuntimeError("alpha search: the first decoder layer was not reached on every calibration batch")
-    return captured
-
-
-def _hidden_out(out):
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
-def _with_hidden(args: tuple, kwargs: dict, hidden):
-    if args:
-        return (hidden,) + tuple(args[1:]), kwargs
-    return args, {**kwargs, "hidden_states": hidden}
-
-
 def _trial_loss(layer, lname, plans, alpha, stats, config, spec, inputs, targets_out) -> float:
     from .nn.convert import build_modules, plan_conversion, swap_modules
     trial = copy.deepcopy(layer)
@@ -327,7 +292,7 @@ def _trial_loss(layer, lname, plans, alpha, stats, config, spec, inputs, targets
     swap_modules(trial, build_modules(plan, trial_stats), prefix=lname)
     sq_err, count = 0.0, 0
     for (args, kwargs), y in zip(inputs, targets_out):
-        y_q = _hidden_out(trial(*args, **kwargs))
+        y_q = hidden_out(trial(*args, **kwargs))
         diff = y_q.to(torch.float64) - y.to(torch.float64)
         sq_err += float((diff * diff).sum())
         count += diff.numel()
@@ -345,28 +310,30 @@ def search_alpha(model, stats: ActStats, config: SmoothQuantConfig, spec: Family
     by_layer: dict[str, list[GroupPlan]] = {}
     for p in plans:
         by_layer.setdefault(p.layer, []).append(p)
+    for batch in batches:
+        check_token_ids(model, batch)
+    alphas, losses = {}, {}
+
+    def visit(lname, layer, inputs, fp_out):
+        layer_plans = by_layer.get(lname, [])
+        if not layer_plans:
+            return
+        losses[lname] = {}
+        for alpha in config.alpha_grid:
+            loss = _trial_loss(layer, lname, layer_plans, alpha, stats, config, spec, inputs, fp_out)
+            losses[lname][f"{alpha:g}"] = loss
+        finite = {a: l for a, l in losses[lname].items() if math.isfinite(l)}
+        if not finite:
+            raise ValueError(f"alpha search: every candidate alpha gives a non-finite error on {lname}")
+        alphas[lname] = float(min(finite, key=lambda a: finite[a]))
+
+    runner = _layerwise_runner(model, batches, config.calibration_device, spec, "alpha search") or \
+        LayerwiseRun(model, layers, batches, model_device(model), run_model)
     was_training = model.training
     model.eval()
     try:
-        inputs = _capture_layer_inputs(model, layers[0][1], batches)
-        alphas, losses = {}, {}
-        iterator = layers
-        if config.progress:
-            from tqdm.auto import tqdm
-            iterator = tqdm(layers, desc="alpha search", unit="layer")
-        for lname, layer in iterator:
-            fp_out = [_hidden_out(layer(*a, **k)) for a, k in inputs]
-            layer_plans = by_layer.get(lname, [])
-            if layer_plans:
-                losses[lname] = {}
-                for alpha in config.alpha_grid:
-                    loss = _trial_loss(layer, lname, layer_plans, alpha, stats, config, spec, inputs, fp_out)
-                    losses[lname][f"{alpha:g}"] = loss
-                finite = {a: l for a, l in losses[lname].items() if math.isfinite(l)}
-                if not finite:
-                    raise ValueError(f"alpha search: every candidate alpha gives a non-finite error on {lname}")
-                alphas[lname] = float(min(finite, key=lambda a: finite[a]))
-            inputs = [_with_hidden(a, k, y) for (a, k), y in zip(inputs, fp_out)]
+        with runner:  # every layer gets its own recorded arguments (Gemma 2/3: sliding vs global layers)
+            runner.walk(visit, progress=config.progress, desc="alpha search")
     finally:
         model.train(was_training)
     return alphas, losses

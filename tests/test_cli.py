@@ -161,6 +161,10 @@ def test_bad_arguments_are_refused_before_any_model_is_loaded(model_dir, data_fi
     ]
     if not torch.cuda.is_available():
         cases.append((["eval", str(model_dir), "--ppl", str(txt), "--device", "cuda"], "--device 'cuda' is not available"))
+        cases.append((["quantize", str(model_dir), out, "--data", str(txt), "--calib-device", "cuda"],
+                      "--calib-device 'cuda' is not available"))
+    cases.append((["calibrate", str(model_dir), "--data", str(txt), "--out", str(tmp_path / "c.st"),
+                   "--calib-device", "gpu"], "--calib-device must be"))
     for argv, message in cases:
         assert main(argv) == 2, argv
         err = capsys.readouterr().err

@@ -559,12 +559,10 @@ def default_targets(model, family=None) -> dict[str, nn.Module]:
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear) or _is_fused_experts(module):
             targets[name] = module
-    spec = family
-    if spec is None:
-        try:
-            spec = family_of(model)
-        except UnsupportedModelError:
-            spec = None
+    try:
+        spec = family_of(model, family)
+    except UnsupportedModelError:
+        spec = None
     if spec is not None:
         try:
             layers = decoder_layers(model, spec)

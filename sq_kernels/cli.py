@@ -88,7 +88,8 @@ def _config_from_args(args):
                                exclude=tuple(args.exclude), smooth=not args.no_smooth,
                                fold_linear_pairs=args.fold_linear_pairs, num_samples=args.num_samples,
                                seq_len=args.seq_len, batch_size=args.batch_size,
-                               calibration_device=args.calib_device, progress=not args.no_progress)
+                               calibration_device=args.calib_device, family=args.family,
+                               progress=not args.no_progress)
     for pattern in args.fp:
         config.set_local(pattern, "fp")
     if args.include:
@@ -499,6 +500,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep modules matching this fnmatch pattern in floating point (repeatable; lm_head always is)")
     p.add_argument("--fp", action="append", default=[], help="set_local(PATTERN, 'fp'): a name pattern or class name")
     p.add_argument("--no-smooth", action="store_true", help="quantize without smoothing (naive W8A8)")
+    p.add_argument("--family", choices=["auto"],
+                   help="auto: infer the smoothing table from the model (for architectures without one)")
     p.add_argument("--fold-linear-pairs", action="store_true", help="also smooth v->o, up->down, fc1->fc2")
     p.add_argument("--stats", help="use statistics from this file instead of calibrating")
     p.add_argument("--save-stats", help="also write the calibration statistics to this file")
@@ -538,7 +541,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     runtime(p)
     p.set_defaults(func=cmd_bench, include=[], exclude=["lm_head"], fp=[], no_smooth=False, fold_linear_pairs=False,
-                   calib_device=None,
+                   calib_device=None, family=None,
                    num_samples=4, seq_len=128, batch_size=1)
 
     p = sub.add_parser("export", help="write a quantized checkpoint as compressed-tensors (vLLM's INT8 W8A8 format)")

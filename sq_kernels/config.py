@@ -81,7 +81,8 @@ class SmoothQuantConfig:
         fold_linear_pairs: also smooth the linears that have no norm in front by folding ``s`` into
             the linear that produces their input (up -> down, OPT fc1 -> fc2 through ReLU, v -> o
             without grouped-query attention).
-        family: a ``sq_kernels.families.FamilySpec`` to use instead of the registered table.
+        family: a ``sq_kernels.families.FamilySpec`` to use instead of the registered table, or ``"auto"``: a
+            table inferred from the model (``sq_kernels.families.auto``), for architectures without one.
         num_samples / seq_len / batch_size: calibration data (samples of ``seq_len`` tokens).
         calibration_device: where calibration and the alpha search run (default: where the model is). A
             device other than the model's (``"cuda"`` for a model in CPU memory too large for the GPU) runs
@@ -130,6 +131,11 @@ class SmoothQuantConfig:
         self.default_scheme()  # validates weight / activation overrides
         for key, value in self.local.items():
             _check_local(key, value)
+        if self.family is not None and not (isinstance(self.family, str) and self.family == "auto"):
+            from .families import FamilySpec
+            if not isinstance(self.family, FamilySpec):
+                raise ValueError(f"family must be None, 'auto' or a sq_kernels.families.FamilySpec, got "
+                                 f"{type(self.family).__name__} {self.family!r}")
         if self.calibration_device is not None:
             import torch
             device = self.calibration_device
@@ -197,7 +203,7 @@ class SmoothQuantConfig:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "family"}
         out["include"], out["exclude"] = list(self.include), list(self.exclude)
         out["alpha_grid"] = list(self.alpha_grid)
-        out["family"] = getattr(self.family, "name", None)
+        out["family"] = self.family if self.family == "auto" else getattr(self.family, "name", None)
         return out
 
     @classmethod
@@ -206,7 +212,7 @@ class SmoothQuantConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"SmoothQuantConfig: unknown fields {unknown}")
-        data = {k: v for k, v in data.items() if k != "family"}
+        data = {k: v for k, v in data.items() if k != "family" or v == "auto"}
         return cls(**data)
 
 

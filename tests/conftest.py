@@ -66,13 +66,13 @@ def tiny_config(family: str, **overrides):
     return cfg
 
 
-def plant_outliers(model, factor: float = OUTLIER_FACTOR, channels=OUTLIER_CHANNELS) -> None:
+def plant_outliers(model, factor: float = OUTLIER_FACTOR, channels=OUTLIER_CHANNELS, spec=None) -> None:
     """Scale a few channels of every norm that feeds linears (the smoothing sources) by ``factor``, so the
     linears' inputs carry ``factor``-times outlier channels on every token, and scale the consumers' weight
     columns of those channels down by ``sqrt(factor)``: as in trained LLMs, an outlier channel's share of
     the output stays moderate (without this a random model's attention scores would be dominated by it)."""
     from sq_kernels.families import decoder_layers, family_of, get_submodule
-    spec = family_of(model)
+    spec = family_of(model) if spec is None else spec
     channels = list(channels)
     with torch.no_grad():
         for _, layer in decoder_layers(model, spec):

@@ -126,16 +126,23 @@ def family_for_model_type(model_type: str) -> FamilySpec:
     if model_type not in _REGISTRY:
         raise UnsupportedModelError(
             f"SmoothQuant has no smoothing table for model_type {model_type!r}. Supported: "
-            f"{supported_families_text()}. Pass your own table with SmoothQuantConfig(family=FamilySpec(...)) "
-            f"or sq_kernels.families.register_family, or quantize without smoothing (smooth=False).")
+            f"{supported_families_text()}. Let sq_kernels infer one from the model with "
+            f"SmoothQuantConfig(family='auto') (CLI --family auto), pass your own with "
+            f"SmoothQuantConfig(family=FamilySpec(...)) or sq_kernels.families.register_family, or quantize without "
+            f"smoothing (smooth=False).")
     return importlib.import_module(_REGISTRY[model_type]).SPEC
 
 
 def family_of(model, override: FamilySpec | None = None) -> FamilySpec:
-    """The table for ``model`` (an HF ``PreTrainedModel``), or ``override`` when given."""
+    """The table for ``model`` (an HF ``PreTrainedModel``), or ``override`` when given (``"auto"``: inferred
+    from the model, see ``sq_kernels.families.auto``)."""
+    if isinstance(override, str) and override == "auto":
+        from .auto import infer_family
+        return infer_family(model)
     if override is not None:
         if not isinstance(override, FamilySpec):
-            raise ValueError(f"family must be a sq_kernels.families.FamilySpec, got {type(override).__name__}")
+            raise ValueError(f"family must be a sq_kernels.families.FamilySpec or 'auto', got "
+                             f"{type(override).__name__} {override!r}")
         return override
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)

@@ -12,11 +12,9 @@ def no_gqa(config) -> bool:
 
 ATTENTION = SmoothGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"))
 MLP = SmoothGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"))
-PAIRS = (
-    SmoothGroup("self_attn.v_proj", ("self_attn.o_proj",), kind="linear", when=no_gqa,
-                note="skipped with grouped-query attention"),
-    SmoothGroup("mlp.up_proj", ("mlp.down_proj",), kind="linear"),
-)
+V_O_PAIR = SmoothGroup("self_attn.v_proj", ("self_attn.o_proj",), kind="linear", when=no_gqa,
+                      note="skipped with grouped-query attention")
+PAIRS = (V_O_PAIR, SmoothGroup("mlp.up_proj", ("mlp.down_proj",), kind="linear"))
 
 
 def sparse_mlp(layer) -> bool:

@@ -2,16 +2,10 @@
 are stored as offsets from 1), so the fold divides ``1 + weight`` by ``s`` (``weight_offset=1``). Alpha 0.8;
 not tuned on a real checkpoint (no hub access here): alpha="auto" searches per layer."""
 from . import FamilySpec, SmoothGroup
-from ._llama_like import no_gqa
+from ._llama_like import PAIRS
 
 ATTENTION = SmoothGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
                         weight_offset=1.0)
-PAIRS = (
-    SmoothGroup("self_attn.v_proj", ("self_attn.o_proj",), kind="linear", when=no_gqa,
-                note="skipped with grouped-query attention"),
-    SmoothGroup("mlp.up_proj", ("mlp.down_proj",), kind="linear"),
-)
-
 SPEC = FamilySpec(
     name="Gemma",
     model_types=("gemma",),

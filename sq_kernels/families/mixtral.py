@@ -4,7 +4,7 @@
 code. The router is smoothed (its weights absorb ``s``) but stays in floating point: it is tiny and its
 top-k choice is sensitive. Alpha 0.8 (the SmoothQuant README's Mixtral-8x7B value)."""
 from . import FamilySpec, SmoothGroup
-from ._llama_like import ATTENTION, no_gqa
+from ._llama_like import ATTENTION, V_O_PAIR
 
 SPEC = FamilySpec(
     name="Mixtral",
@@ -15,8 +15,7 @@ SPEC = FamilySpec(
         SmoothGroup("post_attention_layernorm", ("mlp.gate", "mlp.experts")),
     ),
     linear_pairs=(
-        SmoothGroup("self_attn.v_proj", ("self_attn.o_proj",), kind="linear", when=no_gqa,
-                    note="skipped with grouped-query attention"),
+        V_O_PAIR,
     ),
     default_alpha=0.8,
     keep_fp=(("mlp.gate", "MoE router: tiny, and its top-k routing is sensitive to error"),),

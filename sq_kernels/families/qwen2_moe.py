@@ -5,7 +5,7 @@ the shared expert's gate/up and the shared expert's one-output gate ``mlp.shared
 ``s`` but stay in floating point (tiny, and they steer the mixture). Pairs: ``up -> down`` in the dense MLP
 and in the shared expert. Alpha 0.8, as Mixtral; not tuned on a real checkpoint: alpha="auto" searches."""
 from . import FamilySpec, SmoothGroup
-from ._llama_like import ATTENTION, DENSE_MLP, DENSE_PAIR, ROUTER_KEEP_FP, no_gqa, sparse_mlp
+from ._llama_like import ATTENTION, DENSE_MLP, DENSE_PAIR, ROUTER_KEEP_FP, V_O_PAIR, sparse_mlp
 
 SPEC = FamilySpec(
     name="Qwen2-MoE",
@@ -19,8 +19,7 @@ SPEC = FamilySpec(
         DENSE_MLP,
     ),
     linear_pairs=(
-        SmoothGroup("self_attn.v_proj", ("self_attn.o_proj",), kind="linear", when=no_gqa,
-                    note="skipped with grouped-query attention"),
+        V_O_PAIR,
         DENSE_PAIR,
         SmoothGroup("mlp.shared_expert.up_proj", ("mlp.shared_expert.down_proj",), kind="linear",
                     in_layer=sparse_mlp),

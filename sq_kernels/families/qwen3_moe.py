@@ -5,7 +5,7 @@ Mixtral. Layers listed in ``mlp_only_layers`` (or skipped by ``decoder_sparse_st
 the Llama MLP group instead. The router is smoothed but stays in floating point. Alpha 0.8, as Mixtral;
 not tuned on a real checkpoint (no hub access here): alpha="auto" searches per layer."""
 from . import FamilySpec, SmoothGroup
-from ._llama_like import ATTENTION, DENSE_MLP, DENSE_PAIR, ROUTER_KEEP_FP, no_gqa, sparse_mlp
+from ._llama_like import ATTENTION, DENSE_MLP, DENSE_PAIR, ROUTER_KEEP_FP, V_O_PAIR, sparse_mlp
 
 SPEC = FamilySpec(
     name="Qwen3-MoE",
@@ -17,8 +17,7 @@ SPEC = FamilySpec(
         DENSE_MLP,
     ),
     linear_pairs=(
-        SmoothGroup("self_attn.v_proj", ("self_attn.o_proj",), kind="linear", when=no_gqa,
-                    note="skipped with grouped-query attention"),
+        V_O_PAIR,
         DENSE_PAIR,
     ),
     default_alpha=0.8,

@@ -15,9 +15,9 @@ from .config import Scheme, SmoothQuantConfig
 from .nn import W8A8Experts, W8A8Linear
 from .calibration import ActStats, collect_act_stats
 from .smooth import SmoothReport, smooth_
-from .api import ConversionReport, quantize_, smoothquant
+from .api import ConversionReport, PartialConversionError, quantize_, smoothquant
 from .checkpoint import CheckpointError, load_quantized, save_quantized
 
 __all__ += ["SmoothQuantConfig", "Scheme", "W8A8Linear", "W8A8Experts", "ActStats", "collect_act_stats",
-            "SmoothReport", "smooth_", "ConversionReport", "quantize_", "smoothquant", "save_quantized",
+            "SmoothReport", "smooth_", "ConversionReport", "PartialConversionError", "quantize_", "smoothquant", "save_quantized",
             "load_quantized", "CheckpointError"]

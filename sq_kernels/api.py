@@ -7,9 +7,11 @@
     sq.save_quantized(model, "out/")
 
 ``quantize_`` swaps every selected ``nn.Linear`` (and fused MoE experts module) for its W8A8 version.
-It decides everything first and builds every new module before touching the model, so an error leaves
-the model unchanged; modules that stay in floating point are listed with their reason (and warned about
-when the kernels cannot run them), never skipped silently.
+It decides everything and checks every weight first, so bad input leaves the model unchanged; then it
+converts module by module, freeing each floating-point original before building the next (peak memory:
+the model plus one module). ``atomic=True`` builds every new module before touching the model instead
+(any error leaves it unchanged; peak: the model plus its int8 copy). Modules that stay in floating point
+are listed with their reason (and warned about when the kernels cannot run them), never skipped silently.
 """
 from __future__ import annotations
 
@@ -23,7 +25,9 @@ from .calibration import (ActStats, calibration_batches, check_in_memory, check_
 from .checkpoint import guard_hf_saving
 from .config import SmoothQuantConfig, as_config, pattern_matches
 from .families import UnsupportedModelError, family_of
-from .nn.convert import build_modules, plan_conversion, swap_modules, warn_kept
+from .nn import W8A8Experts, W8A8Linear
+from .nn.convert import (PartialConversionError, build_modules, check_sources, convert_in_place,
+                         plan_conversion, swap_modules, warn_kept)
 from .smooth import SmoothReport, smooth_
 
 
@@ -102,8 +106,14 @@ def _warn_unmatched_patterns(model: nn.Module, config: SmoothQuantConfig, plan, 
                           f"its end after a dot, or a class name)", UserWarning, stacklevel=stacklevel)
 
 
+def _nothing_converted(exc: Exception) -> Exception:
+    if isinstance(exc, ValueError):
+        return type(exc)(f"{exc}\n(quantize_ stopped before changing the model: nothing was converted)")
+    return RuntimeError(f"quantize_ failed while building W8A8 modules; nothing was converted: {exc}")
+
+
 def quantize_(model: nn.Module, config: SmoothQuantConfig | None = None,
-              stats: ActStats | None = None) -> ConversionReport:
+              stats: ActStats | None = None, *, atomic: bool = False) -> ConversionReport:
     """Replace the selected linears (and fused experts) of ``model`` by W8A8 modules, in place.
 
     Args:
@@ -111,15 +121,26 @@ def quantize_(model: nn.Module, config: SmoothQuantConfig | None = None,
         config: scheme, include/exclude patterns and ``set_local`` rules (default: per-channel weights,
             per-token dynamic activations, ``lm_head`` kept in floating point).
         stats: statistics of the (smoothed) model; required by the static scheme.
+        atomic: build every W8A8 module before swapping any (needs memory for the model plus its int8
+            copy). Default: module by module, each floating-point original freed before the next is built
+            (the model plus one module), unless something else holds it.
 
     Returns:
-        ``ConversionReport``. On an error nothing was converted (the model is unchanged).
+        ``ConversionReport``.
+
+    Raises:
+        ValueError: bad input (patterns, statistics, NaN/Inf weights); nothing was converted.
+        PartialConversionError: (default mode) a failure past the checks, e.g. out of memory; its
+            ``converted`` modules are W8A8, its ``remaining`` ones untouched, the model still runs, and
+            calling ``quantize_`` again converts the rest. With ``atomic=True`` such failures convert nothing.
     """
-    return _quantize(model, config, stats, warn_patterns=True)
+    if not isinstance(atomic, bool):
+        raise ValueError(f"quantize_: atomic must be True or False, got {atomic!r}")
+    return _quantize(model, config, stats, warn_patterns=True, atomic=atomic)
 
 
 def _quantize(model: nn.Module, config: SmoothQuantConfig | None, stats: ActStats | None,
-              warn_patterns: bool) -> ConversionReport:
+              warn_patterns: bool, atomic: bool = False) -> ConversionReport:
     config = as_config(config, "quantize_")
     check_in_memory(model, "quantize_")
     if stats is not None:
@@ -133,12 +154,25 @@ def _quantize(model: nn.Module, config: SmoothQuantConfig | None, stats: ActStat
     _require_conversions(model, plan, "quantize_")
     warn_kept(plan)
     try:
-        new_modules = build_modules(plan, stats, progress=config.progress)
+        check_sources(plan, stats)
+        new_modules = build_modules(plan, stats, progress=config.progress) if atomic else None
     except Exception as exc:
-        raise type(exc)(f"{exc}\n(quantize_ stopped before changing the model: nothing was converted)") \
-            if isinstance(exc, ValueError) else RuntimeError(
-                f"quantize_ failed while building W8A8 modules; nothing was converted: {exc}") from exc
-    swap_modules(model, new_modules)
+        raise _nothing_converted(exc) from exc
+    if atomic:
+        swap_modules(model, new_modules)
+        del new_modules
+    else:
+        try:
+            convert_in_place(model, plan, stats, progress=config.progress)
+        except PartialConversionError as exc:
+            if not exc.converted:  # the first module failed: as if nothing had started
+                raise _nothing_converted(exc.__cause__) from exc.__cause__
+            guard_hf_saving(model)  # int8 modules are in: save_pretrained would write them as floats
+            raise
+        except BaseException:
+            if any(isinstance(m, (W8A8Linear, W8A8Experts)) for m in model.modules()):
+                guard_hf_saving(model)
+            raise
     report = ConversionReport({e.name: str(e.scheme) for e in plan.converted},
                               {e.name: e.reason for e in plan.kept}, config=config.to_dict())
     smoothing = getattr(model, "sq_smoothing", None)
@@ -180,6 +214,7 @@ def smoothquant(model: nn.Module, data=None, config: SmoothQuantConfig | None = 
     dry = plan_conversion(model, config, _EveryStat(), _family_or_none(model, config))
     _warn_unmatched_patterns(model, config, dry, stacklevel=3)
     _require_conversions(model, dry, "smoothquant")
+    del dry  # it holds every module: quantize_ frees each floating-point original as it converts it
     needs_data = stats is None or (config.smooth and config.alpha == "auto")
     if data is None and needs_data:
         raise ValueError("smoothquant: data is required (calibration data: token tensors, strings with tokenizer=, "
@@ -200,6 +235,9 @@ def smoothquant(model: nn.Module, data=None, config: SmoothQuantConfig | None = 
     except Exception as exc:
         if smoothing is None:
             raise
+        if isinstance(exc, PartialConversionError):
+            raise PartialConversionError(f"{exc}\n(the model was smoothed first, which leaves its outputs "
+                                         f"unchanged)", exc.converted, exc.remaining) from exc
         raise type(exc)(f"{exc}\n(the model was smoothed, which leaves its outputs unchanged, but not quantized)") \
             if isinstance(exc, ValueError) else RuntimeError(
                 f"the model was smoothed but quantization failed: {exc}") from exc
@@ -207,4 +245,4 @@ def smoothquant(model: nn.Module, data=None, config: SmoothQuantConfig | None = 
     return report
 
 
-__all__ = ["ConversionReport", "quantize_", "smooth_", "smoothquant", "SmoothQuantConfig", "collect_act_stats"]
+__all__ = ["ConversionReport", "PartialConversionError", "quantize_", "smooth_", "smoothquant", "SmoothQuantConfig", "collect_act_stats"]

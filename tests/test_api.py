@@ -157,7 +157,7 @@ def test_failure_while_building_changes_nothing(monkeypatch):
 
     monkeypatch.setattr(W8A8Linear, "from_linear", classmethod(flaky))
     with pytest.raises(ValueError, match="nothing was converted"):
-        sq.quantize_(model, _cfg(smooth=False))
+        sq.quantize_(model, _cfg(smooth=False), atomic=True)
     assert not any(isinstance(m, W8A8Linear) for m in model.modules())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 

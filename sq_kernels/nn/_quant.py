@@ -18,6 +18,7 @@ from ..ops.quant import EPS
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 ALIGN = 16
+CHUNK = 1 << 24  # elements of a weight quantized at once (64 MiB of float32 temporaries)
 
 
 def _div127(amax: torch.Tensor) -> torch.Tensor:
@@ -26,21 +27,46 @@ def _div127(amax: torch.Tensor) -> torch.Tensor:
     return amax / torch.full_like(amax, 127.0)
 
 
+def check_finite(t: torch.Tensor, what: str) -> None:
+    """Refuse a weight or bias holding NaN or Inf (its int8 image and scales would be garbage)."""
+    if not torch.isfinite(t.detach()).all():
+        raise ValueError(f"{what} contains NaN or Inf; refusing to quantize it")
+
+
 def quantize_weight(w: torch.Tensor, granularity: str, what: str = "weight") -> tuple[torch.Tensor, torch.Tensor]:
     """``w [..., N, K]`` float -> ``w_q`` int8 ``[..., N, K]`` and float32 ``w_scale`` ``[..., N]``
-    (per_channel) or ``[..., 1]`` (per_tensor: one scale per ``[N, K]`` matrix)."""
-    w32 = w.detach().to(torch.float32)
-    if not torch.isfinite(w32).all():
-        raise ValueError(f"{what} contains NaN or Inf; refusing to quantize it")
-    if granularity == "per_channel":
-        amax = w32.abs().amax(dim=-1)
-    elif granularity == "per_tensor":
-        amax = w32.abs().flatten(-2).amax(dim=-1, keepdim=True)
-    else:
+    (per_channel) or ``[..., 1]`` (per_tensor: one scale per ``[N, K]`` matrix).
+
+    A stack of matrices (fused MoE experts ``[E, N, K]``) is quantized one matrix at a time, and a matrix
+    in blocks of rows (``CHUNK`` elements), so the float32 temporaries stay small whatever the weight's size;
+    every step is elementwise or an exact maximum, so the result does not depend on the blocking."""
+    if granularity not in ("per_channel", "per_tensor"):
         raise ValueError(f"weight granularity must be 'per_channel' or 'per_tensor', got {granularity!r}")
+    if w.dim() > 2:
+        w_q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+        scale = torch.empty(*w.shape[:-1 if granularity == "per_channel" else -2],
+                            *(() if granularity == "per_channel" else (1,)), dtype=torch.float32, device=w.device)
+        for i in range(w.shape[0]):
+            w_q[i], scale[i] = quantize_weight(w[i], granularity, f"{what}[{i}]")
+        return w_q, scale
+    if w.dim() != 2:
+        raise ValueError(f"{what} must be a matrix [N, K] (or a stack of them), got shape {tuple(w.shape)}")
+    w = w.detach()
+    rows = max(1, CHUNK // max(1, w.shape[-1]))
+    blocks = [slice(i, i + rows) for i in range(0, w.shape[0], rows)]
+    amax = torch.empty(w.shape[0], dtype=torch.float32, device=w.device)
+    for b in blocks:  # in-place steps: one float32 copy of a block at a time
+        w32 = w[b].to(torch.float32, copy=True)  # a copy even when w is float32: changed in place below
+        check_finite(w32, what)
+        amax[b] = w32.abs_().amax(dim=-1) if w.shape[-1] else 0.0
+    if granularity == "per_tensor":
+        amax = amax.amax(dim=0, keepdim=True) if amax.numel() else torch.zeros(1, device=w.device)
     scale = _div127(torch.clamp_min(amax, EPS))
-    w_q = torch.clamp(torch.round(w32 / scale.unsqueeze(-1)), -127, 127).to(torch.int8)
-    return w_q.contiguous(), scale.contiguous()
+    w_q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+    for b in blocks:
+        row_scale = scale[b] if granularity == "per_channel" else scale
+        w_q[b] = w[b].to(torch.float32, copy=True).div_(row_scale.unsqueeze(-1)).round_().clamp_(-127, 127)
+    return w_q, scale.contiguous()
 
 
 def static_scale(amax, what: str = "input_amax") -> torch.Tensor:

@@ -2,9 +2,18 @@
 
 ``plan_conversion`` decides for every candidate (each ``nn.Linear``, each fused experts module) either a
 ``Scheme`` or the reason it stays in floating point (include/exclude patterns, ``set_local`` rules, the
-family's keep-FP list, the kernels' 16-alignment). ``build_modules`` quantizes every planned module
-without touching the model; ``swap_modules`` then installs them. A failure while building therefore
-leaves the model exactly as it was.
+family's keep-FP list, the kernels' 16-alignment). ``check_sources`` then refuses, before anything
+changes, every planned module that cannot be quantized (NaN/Inf weights, bad static statistics). Two
+ways to install the W8A8 modules:
+
+- ``convert_in_place`` (``quantize_``'s default) builds one module and swaps it in at once, so the
+  floating-point original is freed before the next is built: the peak is the model plus one module,
+  not the model plus its whole int8 copy (what decides whether a 34B fp16 model can be quantized on an
+  80 GB GPU). A failure past the checks (out of memory, an interrupt) raises ``PartialConversionError``
+  naming what was converted; every module is either its W8A8 version or untouched, so the model runs,
+  and calling ``quantize_`` again converts the rest.
+- ``build_modules`` + ``swap_modules`` (``atomic=True``) build everything first: any failure leaves the
+  model exactly as it was, at the cost of holding both copies.
 """
 from __future__ import annotations
 
@@ -15,6 +24,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from ..config import Scheme, SmoothQuantConfig
+from ._quant import check_finite, static_scale
 from .experts import W8A8Experts, fused_experts_problem
 from .linear import W8A8Linear, check_linear_shape
 
@@ -126,6 +136,89 @@ def build_module(entry: PlanEntry, stats=None) -> nn.Module:
                                     name=entry.name)
 
 
+def check_sources(plan: ConversionPlan, stats=None) -> None:
+    """Refuse (ValueError, nothing changed) what ``build_module`` would refuse for any planned entry, so a
+    conversion that swaps module by module cannot stop half-way on bad input: non-finite weights or
+    biases, non-finite or negative static statistics. Reads every weight once; allocates one bool mask
+    of one tensor at a time."""
+    for e in plan.converted:
+        if e.kind == "linear":
+            tensors = [("weight", e.module.weight)] + ([("bias", e.module.bias)] if e.module.bias is not None else [])
+        else:
+            tensors = [("gate_up_proj", e.module.gate_up_proj), ("down_proj", e.module.down_proj)]
+        for what, t in tensors:
+            for i, part in enumerate(t if t.dim() > 2 else [t]):  # expert by expert: small masks
+                check_finite(part, f"{e.name}.{what}" + (f"[{i}]" if t.dim() > 2 else ""))
+        if e.scheme.activation == "static":
+            static_scale(stats.per_tensor_absmax(e.name), f"{e.name} input_amax")
+            if e.kind == "experts":
+                down = static_scale(stats.expert_down_absmax(e.name), f"{e.name} down_input_amax")
+                if down.numel() != e.module.gate_up_proj.shape[0]:
+                    raise ValueError(f"{e.name}: down_input_amax must have {e.module.gate_up_proj.shape[0]} "
+                                     f"elements (one per expert), got {down.numel()}")
+
+
+class PartialConversionError(RuntimeError):
+    """``convert_in_place`` stopped after converting some modules. ``converted``: their names (now W8A8);
+    ``remaining``: the planned modules still in floating point (unchanged)."""
+
+    def __init__(self, message: str, converted: list[str], remaining: list[str]):
+        super().__init__(message)
+        self.converted, self.remaining = converted, remaining
+
+
+def _install(root: nn.Module, name: str, module: nn.Module, prefix: str) -> None:
+    rel = name[len(prefix) + 1:] if prefix else name
+    parent_name, _, child = rel.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, module)
+
+
+def _listed(names: list[str], n: int = 6) -> str:
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+def convert_in_place(root: nn.Module, plan: ConversionPlan, stats=None, progress: bool = False,
+                     desc: str = "quantizing", prefix: str = "") -> list[str]:
+    """Build and install the planned modules one at a time; returns their names in order.
+
+    Each entry's reference to its floating-point module is dropped once the W8A8 one is installed, so
+    that module is freed (unless the caller holds it elsewhere) before the next is built. Run
+    ``check_sources`` first. A failure raises ``PartialConversionError`` (an interrupt gets the same
+    account as a note) and leaves every module either converted or untouched."""
+    entries = plan.converted
+    done: list[str] = []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(entries), desc=desc, unit="module")
+    try:
+        for e in entries:
+            module = build_module(e, stats)
+            _install(root, e.name, module, prefix)
+            e.module = module  # the plan no longer holds the floating-point original
+            done.append(e.name)
+            if bar is not None:
+                bar.update()
+    except BaseException as exc:
+        remaining = [e.name for e in entries[len(done):]]
+        account = (f"converted {len(done)} of {len(entries)} module(s) before stopping at {(remaining or ['the end'])[0]!r}"
+                   + (f" ({_listed(done)})" if done else "") + "; every module is either W8A8 or untouched "
+                   "floating point, so the model still runs, and calling quantize_ again converts the remaining "
+                   f"{len(remaining)} (already converted ones are kept)")
+        if not isinstance(exc, Exception):  # KeyboardInterrupt, SystemExit: keep their type
+            if hasattr(exc, "add_note"):  # Python >= 3.11
+                exc.add_note(account)
+            else:
+                warnings.warn(account, RuntimeWarning, stacklevel=2)
+            raise
+        raise PartialConversionError(f"{type(exc).__name__}: {exc}\n({account})", done, remaining) from exc
+    finally:
+        if bar is not None:
+            bar.close()
+    return done
+
+
 def build_modules(plan: ConversionPlan, stats=None, progress: bool = False,
                   desc: str = "quantizing") -> dict[str, nn.Module]:
     entries = plan.converted
@@ -141,10 +234,7 @@ def swap_modules(root: nn.Module, new_modules: dict[str, nn.Module], prefix: str
     done = []
     try:
         for name, module in new_modules.items():
-            rel = name[len(prefix) + 1:] if prefix else name
-            parent_name, _, child = rel.rpartition(".")
-            parent = root.get_submodule(parent_name) if parent_name else root
-            setattr(parent, child, module)
+            _install(root, name, module, prefix)
             done.append(name)
     except Exception as exc:
         raise RuntimeError(f"swapping in the W8A8 modules failed at {name!r} after {len(done)} of "

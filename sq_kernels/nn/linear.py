@@ -15,8 +15,8 @@ from torch import nn
 
 from ..config import ACTIVATION_SCHEMES, WEIGHT_GRANULARITIES
 from ..ops._library import no_backward_through
-from ._quant import (ALIGN, KeepFloat32Buffers, check_input, int8_linear, quantize_activation, quantize_weight,
-                     static_scale)
+from ._quant import (ALIGN, KeepFloat32Buffers, check_finite, check_input, int8_linear, quantize_activation,
+                     quantize_weight, static_scale)
 
 
 def check_linear_shape(in_features: int, out_features: int, what: str = "linear") -> str | None:
@@ -80,8 +80,7 @@ class W8A8Linear(KeepFloat32Buffers, nn.Module):
         module.weight_scale.copy_(w_scale)
         if linear.bias is not None:
             b = linear.bias.detach().to(torch.float32)
-            if not torch.isfinite(b).all():
-                raise ValueError(f"{name}.bias contains NaN or Inf")
+            check_finite(b, f"{name}.bias")
             module.bias.copy_(b)
         if activation == "static":
             module.input_scale.copy_(static_scale(input_amax, f"{name} input_amax").to(module.input_scale.device))

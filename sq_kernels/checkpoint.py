@@ -7,10 +7,12 @@ A checkpoint directory holds::
     generation_config.json  when the model has one
     sq_model.safetensors    every tensor of the quantized model: int8 weights, float32 scales and
                             biases, the floating-point rest (embeddings, norms, lm_head) and the
-                            non-persistent buffers (rotary tables), so a reload is bitwise identical
+                            non-persistent buffers (rotary tables), so a reload is bitwise identical;
+                            above ``max_shard_size`` (5 GB) split into sq_model-00001-of-0000N.safetensors
+                            (format version 2; a single file stays version 1, readable by older releases)
     sq_quantization.json    the versioned quantization config: format and version, the W8A8 module
                             table (kind, shape, scheme), tied-weight aliases, SHA-256 of config.json
-                            and of the weights file, and the SmoothQuant settings (alpha per layer)
+                            and of every weights file, and the SmoothQuant settings (alpha per layer)
 
 The weights file deliberately is not ``model.safetensors``: a plain ``from_pretrained`` cannot load
 int8 weights into floating-point layers, so it fails instead of returning a broken model.
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path, PureWindowsPath
 
 import torch
@@ -32,9 +35,13 @@ from .nn import W8A8Experts, W8A8Linear
 from .nn._quant import FLOAT_DTYPES, KeepFloat32Buffers
 
 FORMAT = "sq_kernels.w8a8"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest this release reads and writes; 1: one weights file, 2: shards
 QUANT_FILE = "sq_quantization.json"
 WEIGHTS_FILE = "sq_model.safetensors"
+SHARD_FILE = "sq_model-{:05d}-of-{:05d}.safetensors"
+DEFAULT_SHARD_SIZE = "5GB"  # as transformers' save_pretrained; the Hugging Face Hub refuses files over 50 GB
+SIZE_UNITS = {"B": 1, "KB": 10 ** 3, "MB": 10 ** 6, "GB": 10 ** 9, "TB": 10 ** 12,
+              "KIB": 2 ** 10, "MIB": 2 ** 20, "GIB": 2 ** 30, "TIB": 2 ** 40}
 # Key of the weights file's safetensors metadata holding the SHA-256 of the quantization table (see
 # _table_digest). Checkpoints written before it existed lack it and still load.
 TABLE_DIGEST_KEY = "quantization_table_sha256"
@@ -110,14 +117,17 @@ def _check_scales(tensors: dict[str, torch.Tensor], table: dict[str, dict], wher
             raise CheckpointError(f"{where}: scale {key!r} holds NaN, Inf or non-positive values")
 
 
-def _all_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str], list[str]]:
-    """Every tensor to store (state dict + non-persistent buffers), shared tensors stored once.
-    Returns ``(tensors, aliases {dropped key: stored key}, non-persistent buffer names)``."""
+def _all_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str], list[str], set[str]]:
+    """Every tensor to store (state dict + non-persistent buffers), shared tensors stored once, still on
+    the model's device (``write_shards`` copies them to the host one shard at a time).
+    Returns ``(tensors, aliases {dropped key: stored key}, non-persistent buffer names, own_copy)``;
+    ``own_copy``: keys of views into memory another stored tensor also uses (written from a copy of their own:
+    safetensors stores each tensor separately)."""
     state = model.state_dict()
     non_persistent = [n for n, _ in model.named_buffers() if n not in state]
     buffers = dict(model.named_buffers())
     items = list(state.items()) + [(n, buffers[n]) for n in non_persistent]
-    tensors, aliases, seen, storages = {}, {}, {}, set()
+    tensors, aliases, seen, storages, own_copy = {}, {}, {}, set(), set()
     for key, t in items:
         t = t.detach()
         ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
@@ -126,12 +136,78 @@ def _all_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, s
             continue
         seen[ident] = key
         storage = t.untyped_storage().data_ptr()
-        t = t.to("cpu").contiguous()
-        if storage in storages:  # another view of the same memory: safetensors stores each tensor separately
-            t = t.clone()
+        if storage in storages:
+            own_copy.add(key)
         storages.add(storage)
         tensors[key] = t
-    return tensors, aliases, non_persistent
+    return tensors, aliases, non_persistent, own_copy
+
+
+def _nbytes(t) -> int:
+    return t.numel() * t.element_size()
+
+
+def parse_size(size, what: str = "max_shard_size") -> int:
+    """Bytes from an int or a string such as ``"5GB"``, ``"500MB"``, ``"2GiB"`` (GB = 10^9, GiB = 2^30)."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        value = size
+    elif isinstance(size, str):
+        text = size.strip().upper().replace(" ", "")
+        number = text.rstrip("KMGTIB")
+        unit = text[len(number):] or "B"
+        try:
+            value = int(float(number) * SIZE_UNITS[unit]) if unit in SIZE_UNITS else None
+        except ValueError:
+            value = None
+        if value is None:
+            raise ValueError(f"{what} must be a number of bytes or a size such as '5GB', '500MB' or '2GiB', "
+                             f"got {size!r}")
+    else:
+        raise ValueError(f"{what} must be a number of bytes or a size such as '5GB', got {size!r}")
+    if value < 1:
+        raise ValueError(f"{what} must be positive, got {size!r}")
+    return value
+
+
+def plan_shards(sizes: dict[str, int], limit: int) -> list[list[str]]:
+    """Consecutive groups of keys whose bytes stay within ``limit`` (a larger tensor gets a shard of its own)."""
+    shards: list[list[str]] = [[]]
+    used = 0
+    for key, n in sizes.items():
+        if shards[-1] and used + n > limit:
+            shards.append([])
+            used = 0
+        shards[-1].append(key)
+        used += n
+    return shards
+
+
+def write_shards(tensors: dict[str, torch.Tensor], path: Path, single: str, pattern: str, limit: int,
+                 metadata: dict[str, str], own_copy: set[str] = frozenset(),
+                 progress: bool = False) -> list[tuple[str, list[str]]]:
+    """Write ``tensors`` to ``path/single``, or to ``pattern.format(i, n)`` shards of at most ``limit`` bytes
+    each. Each shard's tensors are copied to the host (made contiguous) only while it is written, so a model
+    on a GPU never needs its whole size in host memory. Returns ``(file name, its keys)`` in order."""
+    from safetensors.torch import save_file
+    groups = plan_shards({k: _nbytes(t) for k, t in tensors.items()}, limit)
+    names = [single] if len(groups) == 1 else [pattern.format(i + 1, len(groups)) for i in range(len(groups))]
+    bar = None
+    if progress and len(groups) > 1:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(groups), desc="writing shards", unit="shard")
+    for i, (name, keys) in enumerate(zip(names, groups)):
+        host = {}
+        for k in keys:
+            t = tensors[k].to("cpu").contiguous()
+            host[k] = t.clone() if k in own_copy else t
+        save_file(host, str(path / name), metadata=dict(metadata, **({"shard": f"{i + 1}/{len(groups)}"}
+                                                                      if len(groups) > 1 else {})))
+        del host
+        if bar is not None:
+            bar.update()
+    if bar is not None:
+        bar.close()
+    return list(zip(names, groups))
 
 
 def hf_weight_files(path) -> list[str]:
@@ -164,14 +240,18 @@ def quantization_method(path) -> str | None:
     return quant.get("quant_method") if isinstance(quant, dict) else None
 
 
-def save_quantized(model: nn.Module, path) -> Path:
+def save_quantized(model: nn.Module, path, *, max_shard_size=DEFAULT_SHARD_SIZE, progress: bool = True) -> Path:
     """Write the quantized HF ``model`` to directory ``path`` (created if needed). Returns the path.
+
+    ``max_shard_size``: bytes (int) or a size such as ``"5GB"``, ``"500MB"``, ``"2GiB"``; weights beyond it are
+    split into ``sq_model-0000i-of-0000n.safetensors`` shards (a tensor larger than the limit gets a shard of
+    its own). Each shard is copied to host memory only while it is written. ``progress``: a bar over the
+    shards when there are several.
 
     A ``torch.compile`` wrapper is unwrapped (its module is saved). A directory holding another model's weight
     files is refused: ``from_pretrained`` would still load those, beside the quantized checkpoint."""
-    from safetensors.torch import save_file
-
     from . import __version__
+    limit = parse_size(max_shard_size)
     model = unwrap_compiled(model)
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "save_pretrained"):
@@ -179,7 +259,7 @@ def save_quantized(model: nn.Module, path) -> Path:
     table = _module_table(model)
     if not table:
         raise ValueError("save_quantized: the model has no W8A8 modules; quantize it first (quantize_ or smoothquant)")
-    tensors, aliases, non_persistent = _all_tensors(model)
+    tensors, aliases, non_persistent, own_copy = _all_tensors(model)
     for key in list(aliases):
         if any(key.startswith(name + ".") for name in table):
             raise ValueError(f"save_quantized: {key} shares memory with {aliases[key]}; W8A8 buffers must be their own")
@@ -191,6 +271,8 @@ def save_quantized(model: nn.Module, path) -> Path:
                          f"quantized model to a directory of its own")
     path.mkdir(parents=True, exist_ok=True)
     (path / QUANT_FILE).unlink(missing_ok=True)  # written last: its presence marks a complete checkpoint
+    for old in _own_weight_files(path):  # an earlier save's weights (another shard count): not this model's
+        old.unlink()
     config.architectures = [type(model).__name__]
     if stored_float_dtype(model) is not None:  # the dtype the floating-point rest is stored in (after .half())
         config.dtype = stored_float_dtype(model)
@@ -200,24 +282,44 @@ def save_quantized(model: nn.Module, path) -> Path:
         generation_config.save_pretrained(path)
     meta = {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": 1,  # 2 when sharded, below
         "sq_kernels_version": __version__,
         "architecture": type(model).__name__,
         "model_type": getattr(config, "model_type", None),
         "config_sha256": _config_digest(path / "config.json"),
         "weights_file": WEIGHTS_FILE,
-        "weights_sha256": None,  # filled in below, once the weights file is written
+        "weights_sha256": None,  # filled in below, once the weights are written
         "modules": table,
         "tied": aliases,
         "non_persistent_buffers": non_persistent,
         "quantization": getattr(model, "sq_quantization", None),
     }
-    # the table's digest goes into the weights file, so an edit of sq_quantization.json is detected on load
-    save_file(tensors, str(path / WEIGHTS_FILE), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION),
-                                                           TABLE_DIGEST_KEY: _table_digest(meta)})
-    meta["weights_sha256"] = _sha256_file(path / WEIGHTS_FILE)
+    sharded = len(plan_shards({k: _nbytes(t) for k, t in tensors.items()}, limit)) > 1
+    # the table's digest goes into every weights file, so an edit of sq_quantization.json is detected on load
+    written = write_shards(tensors, path, WEIGHTS_FILE, SHARD_FILE, limit,
+                           {"format": FORMAT, "format_version": str(2 if sharded else 1),
+                            TABLE_DIGEST_KEY: _table_digest(meta)}, own_copy, progress=progress)
+    if not sharded:
+        meta["weights_sha256"] = _sha256_file(path / WEIGHTS_FILE)
+    else:  # version 2: a release that reads only version 1 says "written by a newer sq_kernels", not "missing file"
+        meta["format_version"] = 2
+        del meta["weights_file"], meta["weights_sha256"]
+        meta["shards"] = [{"file": name, "sha256": _sha256_file(path / name)} for name, _ in written]
     (path / QUANT_FILE).write_text(json.dumps(meta, indent=2, default=str), encoding="utf-8")
     return path
+
+
+def _own_weight_files(path: Path) -> list[Path]:
+    """The weights files an sq_kernels save writes into ``path`` (one file or shards)."""
+    return sorted(p for p in path.glob("sq_model*.safetensors")
+                  if p.name == WEIGHTS_FILE or re.fullmatch(r"sq_model-\d{5}-of-\d{5}\.safetensors", p.name))
+
+
+def weights_files(meta: dict) -> list[tuple[str, str | None]]:
+    """``(file name, SHA-256 or None)`` of every weights file of a checked quantization config, in order."""
+    if "shards" in meta:
+        return [(e["file"], e.get("sha256")) for e in meta["shards"]]
+    return [(meta["weights_file"], meta.get("weights_sha256"))]
 
 
 def read_quantization_config(path) -> dict:
@@ -246,7 +348,7 @@ def read_quantization_config(path) -> dict:
         raise CheckpointError(f"{qfile}: format_version {version} was written by a newer sq_kernels "
                               f"({meta.get('sq_kernels_version')}); this one reads up to {FORMAT_VERSION}. "
                               f"Upgrade sq_kernels.")
-    for key in ("architecture", "config_sha256", "weights_file", "modules"):
+    for key in ("architecture", "config_sha256", "weights_file" if version == 1 else "shards", "modules"):
         if key not in meta:
             raise CheckpointError(f"{qfile}: missing field {key!r}")
     _check_schema(meta, qfile)
@@ -255,13 +357,27 @@ def read_quantization_config(path) -> dict:
 
 def _check_schema(meta: dict, qfile: Path) -> None:
     """Reject a quantization file whose fields have the wrong type, naming the file, module and field."""
-    for key in ("architecture", "config_sha256", "weights_file"):
+    for key in ("architecture", "config_sha256") + (("weights_file",) if "weights_file" in meta else ()):
         if not isinstance(meta[key], str) or not meta[key]:
             raise CheckpointError(f"{qfile}: field {key!r} must be a non-empty string, got {meta[key]!r}")
     for key in ("model_type", "weights_sha256"):
         if meta.get(key) is not None and not isinstance(meta[key], str):
             raise CheckpointError(f"{qfile}: field {key!r} must be a string, got {meta[key]!r}")
-    _check_weights_file(meta["weights_file"], qfile)
+    if "weights_file" in meta:
+        _check_weights_file(meta["weights_file"], qfile)
+    if "shards" in meta:
+        shards = meta["shards"]
+        if not isinstance(shards, list) or not shards or not all(
+                isinstance(e, dict) and isinstance(e.get("file"), str) and e["file"] for e in shards):
+            raise CheckpointError(f"{qfile}: field 'shards' must be a non-empty list of {{'file': name, 'sha256': "
+                                  f"hex}} objects, got {shards!r}")
+        for e in shards:
+            _check_weights_file(e["file"], qfile, "shards")
+            if e.get("sha256") is not None and not isinstance(e["sha256"], str):
+                raise CheckpointError(f"{qfile}: shard {e['file']!r}: 'sha256' must be a string, got {e['sha256']!r}")
+        files = [e["file"] for e in shards]
+        if len(set(files)) != len(files):
+            raise CheckpointError(f"{qfile}: field 'shards' names a file twice: {files}")
     tied = meta.get("tied", {})
     if not isinstance(tied, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in tied.items()):
         raise CheckpointError(f"{qfile}: field 'tied' must map tensor names to tensor names, got {tied!r}")
@@ -296,11 +412,11 @@ def _check_schema(meta: dict, qfile: Path) -> None:
                                   f"got {entry['activation']!r}")
 
 
-def _check_weights_file(name: str, qfile: Path) -> None:
-    """``weights_file`` must name a file inside the checkpoint directory: no path, no ``..``."""
+def _check_weights_file(name: str, qfile: Path, field: str = "weights_file") -> None:
+    """A weights file must be named as a file inside the checkpoint directory: no path, no ``..``."""
     if (name in (".", "..") or "/" in name or "\\" in name or "\0" in name or Path(name).is_absolute()
             or PureWindowsPath(name).drive):
-        raise CheckpointError(f"{qfile}: field 'weights_file' must be a plain file name inside the checkpoint "
+        raise CheckpointError(f"{qfile}: field {field!r} must be a plain file name inside the checkpoint "
                               f"directory (such as {WEIGHTS_FILE!r}), got {name!r}")
 
 
@@ -471,7 +587,6 @@ def load_quantized(path, device=None, verify: bool = True, *, dtype=None, attn_i
         The model in eval mode. Raises ``CheckpointError`` (a ValueError) for a checkpoint that is not
         one, is damaged, has an unknown version, or whose config and weights do not match.
     """
-    from safetensors import SafetensorError, safe_open
     path = Path(path)
     device = check_device(device)
     dtype = check_float_dtype(dtype)
@@ -483,27 +598,28 @@ def load_quantized(path, device=None, verify: bool = True, *, dtype=None, attn_i
                               f"belongs to another model (SHA-256 differs from the one recorded in {QUANT_FILE}). "
                               f"If you edited it on purpose (use_cache, say), load with verify=False: the module "
                               f"shapes are still checked against the weights")
-    weights = path / meta["weights_file"]
-    if not weights.is_file():
-        raise CheckpointError(f"{path}: weights file {meta['weights_file']!r} is missing")
-    if verify and meta.get("weights_sha256") and _sha256_file(weights) != meta["weights_sha256"]:
-        raise CheckpointError(f"{weights} is corrupt: its SHA-256 differs from the one recorded when it was saved")
+    files = [(path / name, digest) for name, digest in weights_files(meta)]
+    absent = [f.name for f, _ in files if not f.is_file()]
+    if absent:
+        raise CheckpointError(f"{path}: weights file{'s' if len(absent) > 1 else ''} {', '.join(absent[:4])} "
+                              f"{'are' if len(absent) > 1 else 'is'} missing" + (f" ({len(files)} shards expected)"
+                                                                                  if len(files) > 1 else ""))
+    if verify:
+        for f, digest in files:
+            if digest and _sha256_file(f) != digest:
+                raise CheckpointError(f"{f} is corrupt: its SHA-256 differs from the one recorded when it was saved")
     model = _build_skeleton(path, meta, attn_implementation)
     expected_state = model.state_dict(keep_vars=True)
     non_persistent = set(meta.get("non_persistent_buffers", []))
     aliases = dict(meta.get("tied", {}))
-    try:
-        with safe_open(str(weights), framework="pt", device="cpu" if device.type == "cpu" else str(device)) as f:
-            file_meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-            if dtype is not None:  # one tensor at a time: never two copies of the model
-                cast_floats_(tensors, dtype, _kept_float32(model) | non_persistent)
-    except SafetensorError as exc:  # a damaged header or truncated data; anything else is not the file's fault
-        raise CheckpointError(f"{weights} is corrupt or truncated: {exc}") from None
-    except OSError as exc:
-        raise CheckpointError(f"{weights} could not be read: {exc}") from None
-    if file_meta.get("format") != FORMAT:
-        raise CheckpointError(f"{weights} is not an sq_kernels weights file (format={file_meta.get('format')!r})")
+    kept_float32 = _kept_float32(model) | non_persistent
+    tensors, origin, file_metas = {}, {}, []
+    for weights, _ in files:  # shard by shard, each tensor straight to the device
+        file_meta = _read_weights_file(weights, device, dtype, kept_float32, tensors, origin)
+        if file_meta.get("format") != FORMAT:
+            raise CheckpointError(f"{weights} is not an sq_kernels weights file (format={file_meta.get('format')!r})")
+        file_metas.append((weights, file_meta))
+    weights = files[0][0] if len(files) == 1 else path
     expected = (set(expected_state) | non_persistent) - set(aliases)
     missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
     if missing or unexpected:
@@ -516,12 +632,8 @@ def load_quantized(path, device=None, verify: bool = True, *, dtype=None, attn_i
             raise CheckpointError(f"{key}: stored shape {tuple(t.shape)}, the model expects {tuple(ref.shape)}")
         if ref is not None and (ref.dtype == torch.int8) != (t.dtype == torch.int8):
             raise CheckpointError(f"{key}: stored dtype {t.dtype}, the model expects {ref.dtype}")
-    recorded = file_meta.get(TABLE_DIGEST_KEY)  # absent in checkpoints saved before it was recorded
-    if recorded is not None and recorded != _table_digest(meta):
-        raise CheckpointError(f"{path / QUANT_FILE}: the quantization table (module entries, tied weights, "
-                              f"architecture, config hash) was modified after saving, or {weights.name} belongs to "
-                              f"another checkpoint: the table's SHA-256 differs from the one recorded in "
-                              f"{weights.name}. Restore the original files or quantize again.")
+    for weights_file, file_meta in file_metas:
+        _check_table_digest(file_meta, weights_file, meta, path)
     _check_scales(tensors, meta["modules"], str(weights))
     for alias, target in aliases.items():
         if target not in tensors:
@@ -541,6 +653,38 @@ def load_quantized(path, device=None, verify: bool = True, *, dtype=None, attn_i
             dst._parameters[a_name] = src._parameters[t_name]
     model.sq_quantization = meta.get("quantization")
     return finish_loading(model, path, dtype, weights)
+
+
+def _read_weights_file(weights: Path, device, dtype, kept_float32: set[str], tensors: dict, origin: dict) -> dict:
+    """Read every tensor of one weights file into ``tensors`` (cast to ``dtype`` as read, except
+    ``kept_float32``); ``origin`` records each key's file, so a key in two shards is refused. Returns the
+    file's metadata."""
+    from safetensors import SafetensorError, safe_open
+    try:
+        with safe_open(str(weights), framework="pt", device="cpu" if device.type == "cpu" else str(device)) as f:
+            file_meta = f.metadata() or {}
+            for k in f.keys():
+                if k in origin:
+                    raise CheckpointError(f"{k} is stored twice, in {origin[k]} and {weights.name}")
+                origin[k] = weights.name
+                shard = {k: f.get_tensor(k)}
+                if dtype is not None:  # one tensor at a time: never two copies of the model
+                    cast_floats_(shard, dtype, kept_float32)
+                tensors.update(shard)
+    except SafetensorError as exc:  # a damaged header or truncated data; anything else is not the file's fault
+        raise CheckpointError(f"{weights} is corrupt or truncated: {exc}") from None
+    except OSError as exc:
+        raise CheckpointError(f"{weights} could not be read: {exc}") from None
+    return file_meta
+
+
+def _check_table_digest(file_meta: dict, weights: Path, meta: dict, path: Path) -> None:
+    recorded = file_meta.get(TABLE_DIGEST_KEY)  # absent in checkpoints saved before it was recorded
+    if recorded is not None and recorded != _table_digest(meta):
+        raise CheckpointError(f"{path / QUANT_FILE}: the quantization table (module entries, tied weights, "
+                              f"architecture, config hash) was modified after saving, or {weights.name} belongs to "
+                              f"another checkpoint: the table's SHA-256 differs from the one recorded in "
+                              f"{weights.name}. Restore the original files or quantize again.")
 
 
 class _HFSaveGuard:

@@ -175,11 +175,12 @@ def cmd_calibrate(args) -> int:
 def cmd_quantize(args) -> int:
     from .api import smoothquant
     from .calibration import ActStats
-    from .checkpoint import save_quantized
+    from .checkpoint import parse_size, save_quantized
     config = _config_from_args(args)
     _check_quantize_args(args, config)
     _check_device(args.device)
     _check_device(args.calib_device, "--calib-device")
+    parse_size(args.max_shard_size, "--max-shard-size")  # a typo fails now, not after calibrating
     stats = ActStats.load(args.stats) if args.stats else None
     use_data = stats is None or config.alpha == "auto"  # with --stats, --data only feeds alpha=auto
     data = _texts_or_path(args.data, args.text_field, "--data") if use_data else None
@@ -193,7 +194,7 @@ def cmd_quantize(args) -> int:
         stats.save(args.save_stats)
         print(f"saved the calibration statistics to {args.save_stats}")
     report = smoothquant(model, data, config, tokenizer=tokenizer, stats=stats)
-    save_quantized(model, args.out)
+    save_quantized(model, args.out, max_shard_size=args.max_shard_size, progress=not args.no_progress)
     if tokenizer is not None:
         tokenizer.save_pretrained(args.out)
     smoothing_file = Path(args.out) / "sq_smoothing_report.json"
@@ -257,20 +258,22 @@ def cmd_eval(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .checkpoint import load_quantized
+    from .checkpoint import load_quantized, parse_size
     from .export import export_compressed_tensors
     out = Path(args.out)
     if out.is_file() or (out.is_dir() and any(out.iterdir())):
         raise ValueError(f"the output {args.out} is a file or a directory that is not empty; choose a new directory")
+    limit = parse_size(args.max_shard_size, "--max-shard-size")
     model = load_quantized(args.checkpoint)
-    export_compressed_tensors(model, out, tokenizer=_load_tokenizer(args.checkpoint, required=False))
+    export_compressed_tensors(model, out, tokenizer=_load_tokenizer(args.checkpoint, required=False),
+                              max_shard_size=limit)
     print(f"exported {args.checkpoint} to {args.out} (compressed-tensors, int-quantized: "
           f"vllm serve {args.out})")
     return 0
 
 
 def cmd_info(args) -> int:
-    from .checkpoint import read_quantization_config
+    from .checkpoint import read_quantization_config, weights_files
     meta = read_quantization_config(args.checkpoint)
     if args.json:  # machine-readable only, so that it can be piped (sq-kernels info DIR --json | jq ...)
         print(json.dumps(meta, indent=2))
@@ -281,6 +284,12 @@ def cmd_info(args) -> int:
         schemes[key] = schemes.get(key, 0) + 1
     print(f"{args.checkpoint}: {meta['architecture']} ({meta.get('model_type')}), format {meta['format']} "
           f"v{meta['format_version']}, written by sq_kernels {meta.get('sq_kernels_version')}")
+    files = weights_files(meta)
+    sizes = [Path(args.checkpoint, name).stat().st_size if Path(args.checkpoint, name).is_file() else None
+             for name, _ in files]
+    total = "?" if None in sizes else _size(sum(sizes))
+    print(f"  weights: {files[0][0]}" + (f" and {len(files) - 1} more shard(s)" if len(files) > 1 else "")
+          + f", {total}" + (f" ({sizes.count(None)} missing)" if None in sizes else ""))
     for key, n in schemes.items():
         print(f"  {n} x {key}")
     quant = meta.get("quantization")
@@ -505,6 +514,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fold-linear-pairs", action="store_true", help="also smooth v->o, up->down, fc1->fc2")
     p.add_argument("--stats", help="use statistics from this file instead of calibrating")
     p.add_argument("--save-stats", help="also write the calibration statistics to this file")
+    p.add_argument("--max-shard-size", default="5GB",
+                   help="split the weights into files of at most this size (default 5GB; e.g. 2GB, 500MB, 10GiB)")
     runtime(p)
     p.set_defaults(func=cmd_quantize)
 
@@ -547,6 +558,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write a quantized checkpoint as compressed-tensors (vLLM's INT8 W8A8 format)")
     p.add_argument("checkpoint", help="a directory written by sq-kernels quantize (or save_quantized)")
     p.add_argument("out", help="output directory (new or empty)")
+    p.add_argument("--max-shard-size", default="5GB",
+                   help="split the weights into files of at most this size (default 5GB; e.g. 2GB, 500MB, 10GiB)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("info", help="describe a quantized checkpoint")

@@ -26,8 +26,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import (CheckpointError, _all_tensors, _kept_float32, cast_floats_, check_device,
-                         check_float_dtype, finish_loading, model_class, skeleton, stored_float_dtype, unwrap_compiled)
+from .checkpoint import (DEFAULT_SHARD_SIZE, CheckpointError, _all_tensors, _kept_float32, cast_floats_, check_device,
+                         check_float_dtype, finish_loading, model_class, parse_size, skeleton, stored_float_dtype,
+                         unwrap_compiled, write_shards)
 from .nn import W8A8Experts, W8A8Linear
 
 WEIGHTS = {"per_channel": "channel", "per_tensor": "tensor"}
@@ -90,11 +91,14 @@ def quantization_config(model: nn.Module) -> dict:
     }
 
 
-def export_compressed_tensors(model: nn.Module, path, tokenizer=None) -> Path:
+def export_compressed_tensors(model: nn.Module, path, tokenizer=None, *, max_shard_size=DEFAULT_SHARD_SIZE,
+                              progress: bool = True) -> Path:
     """Write the W8A8 ``model`` (from ``smoothquant`` / ``quantize_`` or ``load_quantized``) to the new or
     empty directory ``path`` as a compressed-tensors checkpoint, with ``tokenizer`` when given (``vllm serve``
-    needs one in the directory). Returns the path."""
-    from safetensors.torch import save_file
+    needs one in the directory). Above ``max_shard_size`` (bytes, or ``"5GB"``, ``"2GiB"``...) the weights
+    are split into ``model-0000i-of-0000n.safetensors`` with a ``model.safetensors.index.json``, as
+    ``save_pretrained`` writes them. Returns the path."""
+    limit = parse_size(max_shard_size)
     model = unwrap_compiled(model)
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "to_dict"):
@@ -103,7 +107,7 @@ def export_compressed_tensors(model: nn.Module, path, tokenizer=None) -> Path:
     path = Path(path)
     if path.is_file() or (path.is_dir() and any(path.iterdir())):
         raise ValueError(f"export: {path} is a file or a directory that is not empty; choose a new directory")
-    tensors, _aliases, non_persistent = _all_tensors(model)  # tied weights stored once, as HF does
+    tensors, _aliases, non_persistent, own_copy = _all_tensors(model)  # tied weights stored once, as HF does
     for key in non_persistent:  # rotary tables and the like: rebuilt by the model, not part of a checkpoint
         tensors.pop(key, None)
     dtype = stored_float_dtype(model) or torch.float16
@@ -116,7 +120,13 @@ def export_compressed_tensors(model: nn.Module, path, tokenizer=None) -> Path:
     exported["architectures"] = [type(model).__name__]
     exported["dtype"] = exported["torch_dtype"] = str(dtype).removeprefix("torch.")  # transformers 5 / 4
     exported["quantization_config"] = qconfig
-    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    written = write_shards(tensors, path, "model.safetensors", "model-{:05d}-of-{:05d}.safetensors", limit,
+                           {"format": "pt"}, own_copy, progress=progress)
+    if len(written) > 1:
+        weight_map = {key: name for name, keys in written for key in keys}
+        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+                 "weight_map": dict(sorted(weight_map.items()))}
+        (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
     generation_config = getattr(model, "generation_config", None)
     if generation_config is not None and hasattr(generation_config, "save_pretrained"):
         generation_config.save_pretrained(path)

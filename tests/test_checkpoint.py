@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import sq_kernels as sq
-from sq_kernels.checkpoint import QUANT_FILE, WEIGHTS_FILE, CheckpointError, read_quantization_config
+from sq_kernels.checkpoint import FORMAT_VERSION, QUANT_FILE, WEIGHTS_FILE, CheckpointError, read_quantization_config
 from sq_kernels.nn import W8A8Experts, W8A8Linear
 
 from conftest import FAMILIES, calib_tokens, make_model
@@ -161,7 +161,7 @@ def test_weights_of_another_model_rejected(tmp_path):
 def test_unknown_version_and_foreign_files_rejected(tmp_path):
     path = _saved(tmp_path)
     meta = json.loads((path / QUANT_FILE).read_text())
-    (path / QUANT_FILE).write_text(json.dumps({**meta, "format_version": 2}))
+    (path / QUANT_FILE).write_text(json.dumps({**meta, "format_version": FORMAT_VERSION + 1}))
     with pytest.raises(CheckpointError, match="newer sq_kernels"):
         sq.load_quantized(path)
     (path / QUANT_FILE).write_text(json.dumps({**meta, "format": "compressed-tensors"}))

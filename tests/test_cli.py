@@ -367,3 +367,25 @@ def test_export_then_eval_the_compressed_tensors_directory(model_dir, data_files
     assert results["q"] == results["ct"]
     assert main(["export", str(q), str(ct)]) == 2  # never into a directory that is not empty
     assert "not empty" in capsys.readouterr().err
+
+
+def test_quantize_and_export_in_shards(model_dir, data_files, tmp_path, capsys):
+    txt, _ = data_files
+    out = tmp_path / "sharded"
+    common = ["--data", str(txt), "--num-samples", "2", "--seq-len", "32", "--no-progress"]
+    assert main(["quantize", str(model_dir), str(tmp_path / "bad"), *common, "--max-shard-size", "5 parsecs"]) == 2
+    assert "--max-shard-size must be" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    assert main(["quantize", str(model_dir), str(out), *common, "--max-shard-size", "40KB"]) == 0
+    shards = sorted(p.name for p in out.glob("sq_model-*-of-*.safetensors"))
+    assert len(shards) > 1
+    capsys.readouterr()
+    assert main(["info", str(out)]) == 0
+    assert f"weights: {shards[0]} and {len(shards) - 1} more shard(s)" in capsys.readouterr().out
+    assert main(["export", str(out), str(tmp_path / "ct"), "--max-shard-size", "40KB"]) == 0
+    assert (tmp_path / "ct" / "model.safetensors.index.json").is_file()
+    x = torch.randint(0, 100, (1, 12))
+    with torch.no_grad():
+        a = sq.load_quantized(out)(x).logits
+        from sq_kernels.export import load_compressed_tensors
+        b = load_compressed_tensors(tmp_path / "ct")(x).logits
+    assert torch.equal(a, b)

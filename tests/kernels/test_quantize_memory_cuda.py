@@ -41,3 +41,18 @@ def test_module_by_module_peak_is_one_module_not_the_model():
     # one module at a time: its int8 weight, one float32 block and a bool mask (~6 bytes per element)
     assert stream < 8 * largest, f"streaming extra peak {stream} B; one module's temporaries are ~{6 * largest} B"
     assert stream < atomic / 4
+
+
+def test_gpu_model_saved_in_shards_loads_back_bitwise(tmp_path):
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from conftest import calib_tokens, make_model
+    model = make_model("llama").cuda().half()
+    sq.quantize_(model, sq.SmoothQuantConfig(smooth=False, progress=False))
+    sq.save_quantized(model, tmp_path, max_shard_size=40_000, progress=False)
+    assert len(list(tmp_path.glob("sq_model-*-of-*.safetensors"))) > 1
+    loaded = sq.load_quantized(tmp_path, device="cuda")
+    x = calib_tokens(2, 16, seed=3).cuda()
+    with torch.no_grad():
+        assert torch.equal(loaded(x).logits, model(x).logits)

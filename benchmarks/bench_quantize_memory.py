@@ -12,8 +12,8 @@ Measured around the ``quantize_`` call only:
           /proc/self/clear_refs just before the call).
     CUDA  torch.cuda.memory_allocated before, max_memory_allocated after (reset_peak_memory_stats).
 "extra peak" is the peak minus the memory before: what quantizing needs on top of the FP model. The
-FP and W8A8 sizes are the bytes of the parameters and buffers. Results: <out>/quantize_memory_<device>.{json,csv,md}
-with device, date and commit.
+FP and W8A8 sizes are the bytes of the parameters and buffers. Results:
+<out>/quantize_memory_<device>_<arch>_<layers>L.{json,csv,md} with device, date and commit.
 """
 from __future__ import annotations
 
@@ -156,7 +156,7 @@ def main(argv=None) -> int:
     meta.update(arch=args.arch, device_name=meta.get("device", "CPU") if args.device == "cuda" else "CPU",
                 measure=("torch.cuda allocated bytes" if args.device == "cuda" else
                          "the process's resident set (VmRSS / VmHWM)"))
-    stem = args.out / f"quantize_memory_{args.device}"
+    stem = args.out / f"quantize_memory_{args.device}_{args.arch}_{rows[0]['layers']}L"
     write_results(stem, rows, meta)
     stem.with_suffix(".md").write_text(markdown(rows, meta), encoding="utf-8")
     print(markdown(rows, meta))

@@ -117,3 +117,24 @@ def test_attention_targets_say_where_the_memory_cap_rules_out_the_target(bench, 
     att.write_markdown(tmp_path / "a.md", rows, full, meta, ["n1"])
     text = (tmp_path / "a.md").read_text()
     assert all(line in text for line in lines) and "- n1" in text
+
+
+@pytest.mark.parametrize("stem", ["quantize_memory_cpu_llama-2-7b_8L", "quantize_memory_cpu_llama-2-7b_32L"])
+def test_quantize_memory_report_from_stored_rows(bench, stem):
+    qm = bench("bench_quantize_memory")
+    data = stored(stem)
+    text = qm.markdown(data["rows"], data["meta"])
+    assert text == (RESULTS / f"{stem}.md").read_text()  # the stored report is the one these rows give
+    by = {r["mode"]: r for r in data["rows"]}
+    assert by["stream"]["extra_peak_gib"] < 0.2 * by["stream"]["w8a8_gib"]  # one module, not the int8 copy
+    if "atomic" in by:
+        assert by["atomic"]["extra_peak_gib"] > 3 * by["stream"]["extra_peak_gib"]
+
+
+def test_quantize_memory_plan_and_bad_arguments(bench, capsys):
+    qm = bench("bench_quantize_memory")
+    assert qm.main(["--arch", "llama-2-7b", "--layers", "2", "--list"]) == 0
+    assert "llama-2-7b: 2 layers, fp16, on cpu; modes stream, atomic" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        qm.main(["--modes", "fast"])
+    assert "--modes: expected a comma-separated subset" in capsys.readouterr().err

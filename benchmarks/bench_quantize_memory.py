@@ -106,7 +106,8 @@ def run_child(arch: str, layers: int | None, device: str, mode: str) -> dict:
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
-    lines = [f"# quantize_ peak memory: {meta['arch']}, {rows[0]['layers']} decoder layers, fp16, {meta['device_name']}",
+    title = f"{meta['arch']}, {rows[0]['layers']} decoder layers, fp16, {meta['device_name']}"
+    lines = [f"# quantize_ peak memory: {title}",
              "", f"{meta['date']}, commit {meta['commit']}, torch {meta['torch']}. Measured around the "
              f"`quantize_` call: {meta['measure']}.", "",
              "| mode | FP model GiB | W8A8 model GiB | before GiB | peak GiB | extra peak GiB | extra / W8A8 size |",

@@ -19,5 +19,5 @@ from .api import ConversionReport, PartialConversionError, quantize_, smoothquan
 from .checkpoint import CheckpointError, load_quantized, save_quantized
 
 __all__ += ["SmoothQuantConfig", "Scheme", "W8A8Linear", "W8A8Experts", "ActStats", "collect_act_stats",
-            "SmoothReport", "smooth_", "ConversionReport", "PartialConversionError", "quantize_", "smoothquant", "save_quantized",
-            "load_quantized", "CheckpointError"]
+            "SmoothReport", "smooth_", "ConversionReport", "PartialConversionError", "quantize_",
+            "smoothquant", "save_quantized", "load_quantized", "CheckpointError"]

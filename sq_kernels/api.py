@@ -245,4 +245,5 @@ def smoothquant(model: nn.Module, data=None, config: SmoothQuantConfig | None = 
     return report
 
 
-__all__ = ["ConversionReport", "PartialConversionError", "quantize_", "smooth_", "smoothquant", "SmoothQuantConfig", "collect_act_stats"]
+__all__ = ["ConversionReport", "PartialConversionError", "quantize_", "smooth_", "smoothquant", "SmoothQuantConfig",
+           "collect_act_stats"]

@@ -202,7 +202,8 @@ def convert_in_place(root: nn.Module, plan: ConversionPlan, stats=None, progress
                 bar.update()
     except BaseException as exc:
         remaining = [e.name for e in entries[len(done):]]
-        account = (f"converted {len(done)} of {len(entries)} module(s) before stopping at {(remaining or ['the end'])[0]!r}"
+        stopped = remaining[0] if remaining else "the end"
+        account = (f"converted {len(done)} of {len(entries)} module(s) before stopping at {stopped!r}"
                    + (f" ({_listed(done)})" if done else "") + "; every module is either W8A8 or untouched "
                    "floating point, so the model still runs, and calling quantize_ again converts the remaining "
                    f"{len(remaining)} (already converted ones are kept)")

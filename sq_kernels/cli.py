@@ -85,7 +85,9 @@ def _config_from_args(args):
     if args.alpha is not None:
         alpha = "auto" if args.alpha == "auto" else _float(args.alpha, "--alpha")
     config = SmoothQuantConfig(alpha=alpha, scheme=args.scheme, weight=args.weight, activation=args.activation,
-                               exclude=tuple(args.exclude), smooth=not args.no_smooth,
+                               exclude=tuple(e for e in args.exclude
+                                             if not (getattr(args, "quantize_lm_head", False) and e == "lm_head")),
+                               smooth=not args.no_smooth,
                                fold_linear_pairs=args.fold_linear_pairs, num_samples=args.num_samples,
                                seq_len=args.seq_len, batch_size=args.batch_size,
                                calibration_device=args.calib_device, family=args.family,
@@ -506,7 +508,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--include", action="append", default=[],
                    help="only quantize modules whose name matches this fnmatch pattern (repeatable)")
     p.add_argument("--exclude", action="append", default=["lm_head"],
-                   help="keep modules matching this fnmatch pattern in floating point (repeatable; lm_head always is)")
+                   help="keep modules matching this fnmatch pattern in floating point (repeatable; lm_head always "
+                        "is, unless --quantize-lm-head)")
+    p.add_argument("--quantize-lm-head", action="store_true",
+                   help="quantize lm_head too (W8A8, not smoothed): halves its bytes, which matters in decoding with a "
+                        "large vocabulary; check the accuracy with sq-kernels eval. Not exportable to compressed-tensors")
     p.add_argument("--fp", action="append", default=[], help="set_local(PATTERN, 'fp'): a name pattern or class name")
     p.add_argument("--no-smooth", action="store_true", help="quantize without smoothing (naive W8A8)")
     p.add_argument("--family", choices=["auto"],

@@ -389,3 +389,18 @@ def test_quantize_and_export_in_shards(model_dir, data_files, tmp_path, capsys):
         from sq_kernels.export import load_compressed_tensors
         b = load_compressed_tensors(tmp_path / "ct")(x).logits
     assert torch.equal(a, b)
+
+
+def test_quantize_lm_head_on_request(model_dir, data_files, tmp_path, capsys):
+    txt, _ = data_files
+    common = ["--data", str(txt), "--num-samples", "2", "--seq-len", "32", "--no-progress"]
+    assert main(["quantize", str(model_dir), str(tmp_path / "a"), *common]) == 0
+    assert "kept lm_head" in capsys.readouterr().out
+    assert main(["quantize", str(model_dir), str(tmp_path / "b"), *common, "--quantize-lm-head",
+                 "--exclude", "*.down_proj"]) == 0
+    printed = capsys.readouterr().out
+    assert "kept lm_head" not in printed and "kept model.layers.0.mlp.down_proj" in printed
+    model = sq.load_quantized(tmp_path / "b")
+    assert isinstance(model.lm_head, sq.W8A8Linear) and isinstance(model.model.layers[0].mlp.down_proj, torch.nn.Linear)
+    assert main(["export", str(tmp_path / "b"), str(tmp_path / "ct")]) == 2
+    assert "lm_head" in capsys.readouterr().err

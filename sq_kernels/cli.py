@@ -58,11 +58,16 @@ def _load_model(path: str, device: str, dtype: str):
     if quantization_method(path) == "compressed-tensors":  # an INT8 W8A8 export (ours or llm-compressor's): runs on the W8A8 modules
         from .export import load_compressed_tensors
         return load_compressed_tensors(path, device=device, dtype=dtype)
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
     if not Path(path, "config.json").is_file():
         raise ValueError(f"{path} is not a local Hugging Face model directory (no config.json)")
     kwargs = {} if dtype == "auto" else {"dtype": _dtype(dtype)}
-    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **kwargs)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **kwargs)
+    except ValueError as exc:  # raised before any weight is read: not a causal LM class
+        if "Unrecognized configuration class" not in str(exc):
+            raise
+        model = AutoModelForImageTextToText.from_pretrained(path, local_files_only=True, **kwargs)  # LLaVA, ...
     return model.to(device).eval()
 
 

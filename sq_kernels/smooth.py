@@ -158,7 +158,7 @@ def plan_smoothing(model, stats: ActStats, config: SmoothQuantConfig,
     plans, skipped = [], []
     if config.fold_linear_pairs:
         skipped += [f"{g.source} -> {', '.join(g.targets)} ({g.note or 'not applicable to this configuration'})"
-                    for g in spec.linear_pairs if not g.applies(model_config)]
+                    for g in spec.skipped_pairs(model_config)]
     layers = decoder_layers(model, spec)
     if not layers:
         raise ValueError(f"{spec.name}: the model has no decoder layers at {spec.layers!r}")

@@ -14,6 +14,9 @@ OUTLIER_FACTOR = 40.0
 
 FAMILIES = ("opt", "llama", "mistral", "mixtral", "bloom", "falcon", "qwen2")
 NEWER_FAMILIES = ("qwen3", "phi3", "qwen3_moe", "qwen2_moe", "gemma", "gemma2", "gemma3_text")
+# multimodal models around a supported language model (a one-layer vision tower); built with
+# AutoModelForImageTextToText, run on text only
+MULTIMODAL = ("gemma3", "llava", "mistral3")
 
 
 def tiny_config(family: str, **overrides):
@@ -59,6 +62,19 @@ def tiny_config(family: str, **overrides):
         cls = {"gemma": T.GemmaConfig, "gemma2": T.Gemma2Config, "gemma3_text": T.Gemma3TextConfig}[family]
         cfg = cls(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, head_dim=16, max_position_embeddings=128, pad_token_id=0, **common)
+    elif family in MULTIMODAL:
+        vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                      patch_size=14)
+        if family == "gemma3":
+            cfg = T.Gemma3Config(text_config=tiny_config("gemma3_text").to_dict(), vision_config=vision,
+                                 mm_tokens_per_image=4, image_token_index=VOCAB - 1, boi_token_index=VOCAB - 3,
+                                 eoi_token_index=VOCAB - 2)
+        elif family == "llava":
+            cfg = T.LlavaConfig(text_config=tiny_config("llama").to_dict(), image_token_index=VOCAB - 1,
+                                vision_config=dict(vision, model_type="clip_vision_model", projection_dim=32))
+        else:
+            cfg = T.Mistral3Config(text_config=tiny_config("mistral").to_dict(), image_token_index=VOCAB - 1,
+                                   vision_config=dict(vision, model_type="pixtral", head_dim=16), spatial_merge_size=1)
     else:
         raise ValueError(family)
     for k, v in overrides.items():
@@ -92,7 +108,8 @@ def make_model(family: str, seed: int = 0, outliers: bool = True, dtype=torch.fl
     import transformers
     torch.manual_seed(seed)
     cfg = tiny_config(family, **overrides)
-    model = transformers.AutoModelForCausalLM.from_config(cfg).to(dtype).eval()
+    auto = transformers.AutoModelForImageTextToText if family in MULTIMODAL else transformers.AutoModelForCausalLM
+    model = auto.from_config(cfg).to(dtype).eval()
     if outliers:
         plant_outliers(model)
     return model

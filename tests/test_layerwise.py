@@ -16,7 +16,7 @@ import sq_kernels.calibration as calibration
 from sq_kernels.families import decoder_layers, family_of
 from sq_kernels.layerwise import LayerwiseRun, _Moved
 
-from conftest import FAMILIES, NEWER_FAMILIES, VOCAB, calib_tokens, make_model
+from conftest import FAMILIES, MULTIMODAL, NEWER_FAMILIES, VOCAB, calib_tokens, make_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -64,7 +64,7 @@ def _assert_unchanged(model, snapshot):
     assert not [n for n, m in model.named_modules() if "forward" in m.__dict__], "a stub was left behind"
 
 
-@pytest.mark.parametrize("family", FAMILIES + NEWER_FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES + NEWER_FAMILIES + MULTIMODAL)
 def test_layer_by_layer_statistics_equal_a_whole_model_run(family, monkeypatch):
     # every observed module (lm_head through the tail pass, MoE routers and experts, their down_proj inputs)
     # gets bitwise the statistics of a whole-model run, over the same tokens

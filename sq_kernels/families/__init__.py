@@ -8,6 +8,7 @@ Adding a family is adding a table: ``register_family(spec)`` or ``SmoothQuantCon
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from dataclasses import dataclass, field
 from typing import Callable
@@ -75,6 +76,10 @@ class FamilySpec:
         keep_fp: fnmatch patterns (relative to a layer) of modules never quantized, with why.
         experts: paths (relative to a layer) of fused MoE expert modules (quantized as ``W8A8Experts``).
         refuse: config -> reason string when this configuration cannot be smoothed (post-LN), else None.
+        keep_fp_modules: fnmatch patterns of full module names never quantized, with why (a multimodal
+            model's vision tower).
+        sub_config: the attribute of the model's config that ``refuse`` and ``SmoothGroup.when`` read
+            (``"text_config"`` for a language model inside a multimodal model), or "" for the config itself.
     """
     name: str
     model_types: tuple[str, ...]
@@ -87,15 +92,26 @@ class FamilySpec:
     refuse: Callable | None = None
     description: str = ""
     extra: dict = field(default_factory=dict)
+    keep_fp_modules: tuple[tuple[str, str], ...] = ()
+    sub_config: str = ""
+
+    def table_config(self, config):
+        """The part of the model's config this table reads."""
+        return getattr(config, self.sub_config, None) if self.sub_config else config
 
     def refusal(self, config) -> str | None:
-        return self.refuse(config) if self.refuse is not None else None
+        return self.refuse(self.table_config(config)) if self.refuse is not None else None
 
     def active_groups(self, config, fold_linear_pairs: bool = False) -> list[SmoothGroup]:
+        config = self.table_config(config)
         groups = [g for g in self.groups if g.applies(config)]
         if fold_linear_pairs:
             groups += [g for g in self.linear_pairs if g.applies(config)]
         return groups
+
+    def skipped_pairs(self, config) -> list[SmoothGroup]:
+        """The linear pairs that do not apply to this configuration."""
+        return [g for g in self.linear_pairs if not g.applies(self.table_config(config))]
 
 
 def register_family(spec: FamilySpec) -> None:
@@ -113,7 +129,9 @@ def supported_model_types() -> list[str]:
 def supported_families_text() -> str:
     return ("OPT (opt), Llama 1/2/3 (llama), Mistral (mistral), Mixtral (mixtral), BLOOM (bloom), "
             "Falcon (falcon), Qwen2 (qwen2), Qwen3 (qwen3), Qwen2-MoE (qwen2_moe), Qwen3-MoE (qwen3_moe), "
-            "Phi-3 (phi3), Gemma (gemma), Gemma 2 (gemma2), Gemma 3 text (gemma3_text)" + (f"; registered: {sorted(_USER)}" if _USER else ""))
+            "Phi-3 (phi3), Gemma (gemma), Gemma 2 (gemma2), Gemma 3 text (gemma3_text), and multimodal models "
+            "built around one of these (gemma3, llava, mistral3, ...: the language model is smoothed, the vision "
+            "tower kept in floating point)" + (f"; registered: {sorted(_USER)}" if _USER else ""))
 
 
 class UnsupportedModelError(ValueError):
@@ -151,7 +169,44 @@ def family_of(model, override: FamilySpec | None = None) -> FamilySpec:
             f"{type(model).__name__} is not a Hugging Face model with a config.model_type, so no smoothing "
             f"table applies. Supported: {supported_families_text()}. Pass SmoothQuantConfig(family=...) "
             f"or quantize without smoothing (smooth=False).")
+    if model_type not in _USER and model_type not in _REGISTRY:
+        wrapped = _language_model_spec(model, config)
+        if wrapped is not None:
+            return wrapped
     return family_for_model_type(model_type)
+
+
+LANGUAGE_MODEL_PATHS = ("model.language_model", "language_model")  # transformers 5, then older layouts
+
+
+def _language_model_spec(model, config) -> FamilySpec | None:
+    """The table of the language model inside a multimodal model (Gemma 3, LLaVA, Mistral 3, ...): the text
+    family's table, re-rooted at the language model, with every module beside it (vision tower, projector)
+    kept in floating point. None when ``model`` is not such a wrapper of a supported text family."""
+    text_type = getattr(getattr(config, "text_config", None), "model_type", None)
+    if text_type is None or (text_type not in _USER and text_type not in _REGISTRY):
+        return None
+    spec = family_for_model_type(text_type)
+    for root in LANGUAGE_MODEL_PATHS:
+        try:
+            model.get_submodule(root)
+        except AttributeError:
+            continue
+        inner = spec.layers.split(".", 1)[1] if "." in spec.layers else spec.layers  # "model.layers" -> "layers"
+        try:
+            model.get_submodule(f"{root}.{inner}")
+        except AttributeError:
+            return None
+        parent_path, _, child = root.rpartition(".")
+        parent = model.get_submodule(parent_path) if parent_path else model
+        prefix = f"{parent_path}." if parent_path else ""
+        outside = tuple((f"{prefix}{name}.*", f"outside the language model ({name}): calibration is text-only, so its "
+                         f"inputs are never observed") for name, _ in parent.named_children() if name != child)
+        return dataclasses.replace(
+            spec, name=f"{spec.name} in {type(model).__name__}", model_types=(config.model_type,),
+            layers=f"{root}.{inner}", keep_fp_modules=spec.keep_fp_modules + outside, sub_config="text_config",
+            description=f"the {spec.name} table applied to the language model of a multimodal {config.model_type}")
+    return None
 
 
 def get_submodule(root, path: str):

@@ -73,7 +73,7 @@ def family_keep_fp(spec) -> list[tuple[str, str]]:
     """The family's keep-FP patterns as full-name patterns with their reasons."""
     if spec is None:
         return []
-    return [(f"{spec.layers}.*.{pattern}", reason) for pattern, reason in spec.keep_fp]
+    return [(f"{spec.layers}.*.{pattern}", reason) for pattern, reason in spec.keep_fp] + list(spec.keep_fp_modules)
 
 
 def plan_conversion(root: nn.Module, config: SmoothQuantConfig, stats=None, spec=None,
@@ -104,9 +104,10 @@ def plan_conversion(root: nn.Module, config: SmoothQuantConfig, stats=None, spec
                           None if isinstance(resolved, Scheme) else resolved)
         plan.entries.append(entry)
     listed = {e.name for e in plan.entries}
+    in_layers = keep[:len(spec.keep_fp)] if spec is not None else []  # not keep_fp_modules: a whole vision tower
     for name, module in root.named_modules():  # e.g. MoE routers that are not nn.Linear: still reported
         full = f"{prefix}.{name}" if prefix and name else (prefix or name)
-        for pattern, why in keep:
+        for pattern, why in in_layers:
             if full not in listed and fnmatch.fnmatchcase(full, pattern):
                 plan.entries.append(PlanEntry(full, module, "other", None, f"kept in floating point: {why}"))
                 listed.add(full)

@@ -14,14 +14,14 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
                                                                      "is False)")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from conftest import NEWER_FAMILIES, FAMILIES, calib_tokens, make_model  # noqa: E402
+from conftest import MULTIMODAL, NEWER_FAMILIES, FAMILIES, calib_tokens, make_model  # noqa: E402
 
 
 def _weights(model):
     return {n: (t, t.data_ptr()) for n, t in list(model.named_parameters()) + list(model.named_buffers())}
 
 
-@pytest.mark.parametrize("family", FAMILIES + NEWER_FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES + NEWER_FAMILIES + MULTIMODAL)
 def test_cpu_model_calibrated_on_the_gpu(family):
     model = make_model(family)
     data = calib_tokens(6, 24)

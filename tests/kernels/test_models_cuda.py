@@ -23,7 +23,7 @@ pytestmark = pytest.mark.skipif(
     reason="needs a CUDA GPU and the built sq_kernels._C extension: " + str(sq_kernels.extension_error()))
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from conftest import FAMILIES, calib_tokens, make_model, sqnr  # noqa: E402
+from conftest import FAMILIES, MULTIMODAL, NEWER_FAMILIES, calib_tokens, make_model, sqnr  # noqa: E402
 
 DEV = "cuda"
 OPS = ("scaled_mm", "int8_mm", "quantize_per_token", "quantize_per_tensor_dynamic", "quantize_static")
@@ -107,7 +107,7 @@ def test_w8a8_linear_compiles_without_graph_breaks():
     assert torch.equal(compiled(x), q(x))
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES + NEWER_FAMILIES + MULTIMODAL)
 def test_quantized_models_on_cuda(family):
     fp = make_model(family)
     x = calib_tokens(4, 32, seed=7)

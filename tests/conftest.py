@@ -172,6 +172,17 @@ def logits(model, x):
         return model(x).logits
 
 
+def naive_logits(fp, x):
+    """Logits of naive W8A8 (a copy of ``fp`` quantized without smoothing, per-tensor dynamic activations):
+    the baseline SmoothQuant must beat by a wide margin."""
+    import copy
+
+    import sq_kernels as sq
+    naive = copy.deepcopy(fp)
+    sq.quantize_(naive, sq.SmoothQuantConfig(scheme="O2", smooth=False, progress=False))
+    return logits(naive, x)
+
+
 def quantized(family: str = "llama", **cfg):
     """A tiny ``family`` model (planted outliers) put through ``smoothquant`` with ``SmoothQuantConfig(**cfg)``."""
     import sq_kernels as sq

@@ -126,3 +126,14 @@ def test_cli_quantizes_a_multimodal_model(family, tmp_path, tokenizer, capsys):
     assert "outside the language model (vision_tower)" in capsys.readouterr().out
     loaded = sq.load_quantized(out)
     assert isinstance(loaded.model.language_model.layers[1].mlp.down_proj, W8A8Linear)
+
+
+@pytest.mark.parametrize("family", MULTIMODAL)
+def test_family_auto_rebuilds_the_table(family):
+    model = make_model(family)
+    auto, table = family_of(model, "auto"), family_of(model)
+    assert auto.layers == table.layers and auto.keep_fp_modules == table.keep_fp_modules
+
+    def rows(spec):
+        return [(g.source, g.targets, g.weight_offset) for g in spec.active_groups(model.config)]
+    assert rows(auto) == rows(table) and not auto.extra["notes"]

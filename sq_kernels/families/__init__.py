@@ -197,16 +197,30 @@ def _language_model_spec(model, config) -> FamilySpec | None:
             model.get_submodule(f"{root}.{inner}")
         except AttributeError:
             return None
-        parent_path, _, child = root.rpartition(".")
-        parent = model.get_submodule(parent_path) if parent_path else model
-        prefix = f"{parent_path}." if parent_path else ""
-        outside = tuple((f"{prefix}{name}.*", f"outside the language model ({name}): calibration is text-only, so its "
-                         f"inputs are never observed") for name, _ in parent.named_children() if name != child)
         return dataclasses.replace(
             spec, name=f"{spec.name} in {type(model).__name__}", model_types=(config.model_type,),
-            layers=f"{root}.{inner}", keep_fp_modules=spec.keep_fp_modules + outside, sub_config="text_config",
+            layers=f"{root}.{inner}", keep_fp_modules=spec.keep_fp_modules + outside_language_model(model, root),
+            sub_config="text_config",
             description=f"the {spec.name} table applied to the language model of a multimodal {config.model_type}")
     return None
+
+
+def language_model_root(model, layers: str) -> str | None:
+    """The language model's path when the decoder layers at ``layers`` belong to the language model of a
+    multimodal model (a config with ``text_config``), else None."""
+    if getattr(getattr(model, "config", None), "text_config", None) is None:
+        return None
+    return next((root for root in LANGUAGE_MODEL_PATHS if layers.startswith(root + ".")), None)
+
+
+def outside_language_model(model, root: str) -> tuple[tuple[str, str], ...]:
+    """Keep-FP patterns, with the reason, for every module beside the language model at ``root`` (the vision
+    tower, the projector): the calibration data is text only, so their inputs are never observed."""
+    parent_path, _, child = root.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    prefix = f"{parent_path}." if parent_path else ""
+    return tuple((f"{prefix}{name}.*", f"outside the language model ({name}): calibration is text-only, so its "
+                  f"inputs are never observed") for name, _ in parent.named_children() if name != child)
 
 
 def get_submodule(root, path: str):
@@ -225,4 +239,5 @@ def decoder_layers(model, spec: FamilySpec) -> list[tuple[str, object]]:
 
 
 __all__ = ["FamilySpec", "SmoothGroup", "register_family", "supported_model_types", "family_of",
-           "family_for_model_type", "UnsupportedModelError", "decoder_layers", "get_submodule"]
+           "family_for_model_type", "UnsupportedModelError", "decoder_layers", "get_submodule", "language_model_root",
+           "outside_language_model"]

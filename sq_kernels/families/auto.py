@@ -27,7 +27,7 @@ import weakref
 import torch
 from torch import nn
 
-from . import FamilySpec, SmoothGroup
+from . import FamilySpec, SmoothGroup, language_model_root, outside_language_model
 
 _CACHE: "weakref.WeakKeyDictionary[nn.Module, FamilySpec]" = weakref.WeakKeyDictionary()
 PROBE_TOKENS = 16
@@ -181,12 +181,14 @@ def infer_family(model: nn.Module) -> FamilySpec:
     from ..layerwise import LayerwiseRun
     check_in_memory(model, "family='auto'")
     path = find_layers(model)
+    root = language_model_root(model, path)
     layers = [(f"{path}.{i}", layer) for i, layer in enumerate(model.get_submodule(path))]
     config = getattr(model, "config", None)
-    width = getattr(config, "hidden_size", None)
+    text = getattr(config, "text_config", None) or config  # a multimodal model: its language model's config
+    width = getattr(text, "hidden_size", None)
     if not isinstance(width, int):
         raise ValueError(f"family='auto': {type(model).__name__} has no config.hidden_size")
-    vocab = int(getattr(config, "vocab_size", 2) or 2)
+    vocab = int(getattr(text, "vocab_size", 2) or 2)
     tokens = torch.randint(0, vocab, (1, PROBE_TOKENS), generator=torch.Generator().manual_seed(0))
     dtype = next(model.parameters()).dtype
     tolerance = 1e-4 if dtype == torch.float32 else 2e-2
@@ -233,6 +235,7 @@ def infer_family(model: nn.Module) -> FamilySpec:
     spec = FamilySpec(name=f"auto ({type(model).__name__})",
                       model_types=(getattr(config, "model_type", None) or type(model).__name__,),
                       layers=path, groups=tuple(groups), default_alpha=0.5,
+                      keep_fp_modules=outside_language_model(model, root) if root else (),
                       description="inferred from the model: " + ("; ".join(dict.fromkeys(notes)) or "every norm feeding "
                                                                  "linears is smoothed"),
                       extra={"notes": list(dict.fromkeys(notes))})

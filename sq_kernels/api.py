@@ -154,8 +154,10 @@ def _quantize(model: nn.Module, config: SmoothQuantConfig | None, stats: ActStat
     _require_conversions(model, plan, "quantize_")
     warn_kept(plan)
     try:
-        check_sources(plan, stats)
-        new_modules = build_modules(plan, stats, progress=config.progress) if atomic else None
+        if atomic:  # building every module before any swap is itself the check
+            new_modules = build_modules(plan, stats, progress=config.progress)
+        else:  # module by module: refuse bad input before the first swap
+            check_sources(plan, stats)
     except Exception as exc:
         raise _nothing_converted(exc) from exc
     if atomic:

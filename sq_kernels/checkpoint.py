@@ -182,14 +182,13 @@ def plan_shards(sizes: dict[str, int], limit: int) -> list[list[str]]:
     return shards
 
 
-def write_shards(tensors: dict[str, torch.Tensor], path: Path, single: str, pattern: str, limit: int,
+def write_shards(tensors: dict[str, torch.Tensor], path: Path, groups: list[list[str]], single: str, pattern: str,
                  metadata: dict[str, str], own_copy: set[str] = frozenset(),
                  progress: bool = False) -> list[tuple[str, list[str]]]:
-    """Write ``tensors`` to ``path/single``, or to ``pattern.format(i, n)`` shards of at most ``limit`` bytes
-    each. Each shard's tensors are copied to the host (made contiguous) only while it is written, so a model
-    on a GPU never needs its whole size in host memory. Returns ``(file name, its keys)`` in order."""
+    """Write ``tensors`` to ``path/single``, or, with several ``groups`` (``plan_shards``), group i to
+    ``pattern.format(i, n)``. Each shard's tensors are copied to the host (made contiguous) only while it is
+    written, so a model on a GPU never needs its whole size in host memory. Returns ``(file name, its keys)``."""
     from safetensors.torch import save_file
-    groups = plan_shards({k: _nbytes(t) for k, t in tensors.items()}, limit)
     names = [single] if len(groups) == 1 else [pattern.format(i + 1, len(groups)) for i in range(len(groups))]
     bar = None
     if progress and len(groups) > 1:
@@ -294,9 +293,10 @@ def save_quantized(model: nn.Module, path, *, max_shard_size=DEFAULT_SHARD_SIZE,
         "non_persistent_buffers": non_persistent,
         "quantization": getattr(model, "sq_quantization", None),
     }
-    sharded = len(plan_shards({k: _nbytes(t) for k, t in tensors.items()}, limit)) > 1
+    groups = plan_shards({k: _nbytes(t) for k, t in tensors.items()}, limit)
+    sharded = len(groups) > 1
     # the table's digest goes into every weights file, so an edit of sq_quantization.json is detected on load
-    written = write_shards(tensors, path, WEIGHTS_FILE, SHARD_FILE, limit,
+    written = write_shards(tensors, path, groups, WEIGHTS_FILE, SHARD_FILE,
                            {"format": FORMAT, "format_version": str(2 if sharded else 1),
                             TABLE_DIGEST_KEY: _table_digest(meta)}, own_copy, progress=progress)
     if not sharded:
@@ -667,10 +667,10 @@ def _read_weights_file(weights: Path, device, dtype, kept_float32: set[str], ten
                 if k in origin:
                     raise CheckpointError(f"{k} is stored twice, in {origin[k]} and {weights.name}")
                 origin[k] = weights.name
-                shard = {k: f.get_tensor(k)}
-                if dtype is not None:  # one tensor at a time: never two copies of the model
-                    cast_floats_(shard, dtype, kept_float32)
-                tensors.update(shard)
+            shard = {k: f.get_tensor(k) for k in f.keys()}
+        if dtype is not None:  # one tensor at a time: never two copies of the shard
+            cast_floats_(shard, dtype, kept_float32)
+        tensors.update(shard)
     except SafetensorError as exc:  # a damaged header or truncated data; anything else is not the file's fault
         raise CheckpointError(f"{weights} is corrupt or truncated: {exc}") from None
     except OSError as exc:

@@ -90,8 +90,7 @@ def _config_from_args(args):
     if args.alpha is not None:
         alpha = "auto" if args.alpha == "auto" else _float(args.alpha, "--alpha")
     config = SmoothQuantConfig(alpha=alpha, scheme=args.scheme, weight=args.weight, activation=args.activation,
-                               exclude=tuple(e for e in args.exclude
-                                             if not (getattr(args, "quantize_lm_head", False) and e == "lm_head")),
+                               exclude=tuple(e for e in args.exclude if not (args.quantize_lm_head and e == "lm_head")),
                                smooth=not args.no_smooth,
                                fold_linear_pairs=args.fold_linear_pairs, num_samples=args.num_samples,
                                seq_len=args.seq_len, batch_size=args.batch_size,
@@ -462,6 +461,7 @@ def cmd_bench(args) -> int:
     return 0
 
 
+SHARD_SIZE_HELP = "split the weights into files of at most this size (default 5GB; e.g. 2GB, 500MB, 10GiB)"
 TEXT_FIELD_HELP = ("the JSON key holding each text in .jsonl / .json data files (default: text; lines that are "
                    "plain JSON strings are read as they are)")
 
@@ -516,8 +516,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep modules matching this fnmatch pattern in floating point (repeatable; lm_head always "
                         "is, unless --quantize-lm-head)")
     p.add_argument("--quantize-lm-head", action="store_true",
-                   help="quantize lm_head too (W8A8, not smoothed): halves its bytes, which matters in decoding with a "
-                        "large vocabulary; check the accuracy with sq-kernels eval. Not exportable to compressed-tensors")
+                   help="quantize lm_head too (W8A8, not smoothed): halves its bytes, which matters in decoding with "
+                        "a large vocabulary; check the accuracy with sq-kernels eval. Not exportable to "
+                        "compressed-tensors")
     p.add_argument("--fp", action="append", default=[], help="set_local(PATTERN, 'fp'): a name pattern or class name")
     p.add_argument("--no-smooth", action="store_true", help="quantize without smoothing (naive W8A8)")
     p.add_argument("--family", choices=["auto"],
@@ -525,8 +526,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fold-linear-pairs", action="store_true", help="also smooth v->o, up->down, fc1->fc2")
     p.add_argument("--stats", help="use statistics from this file instead of calibrating")
     p.add_argument("--save-stats", help="also write the calibration statistics to this file")
-    p.add_argument("--max-shard-size", default="5GB",
-                   help="split the weights into files of at most this size (default 5GB; e.g. 2GB, 500MB, 10GiB)")
+    p.add_argument("--max-shard-size", default="5GB", help=SHARD_SIZE_HELP)
     runtime(p)
     p.set_defaults(func=cmd_quantize)
 
@@ -563,14 +563,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     runtime(p)
     p.set_defaults(func=cmd_bench, include=[], exclude=["lm_head"], fp=[], no_smooth=False, fold_linear_pairs=False,
-                   calib_device=None, family=None,
+                   calib_device=None, family=None, quantize_lm_head=False,
                    num_samples=4, seq_len=128, batch_size=1)
 
     p = sub.add_parser("export", help="write a quantized checkpoint as compressed-tensors (vLLM's INT8 W8A8 format)")
     p.add_argument("checkpoint", help="a directory written by sq-kernels quantize (or save_quantized)")
     p.add_argument("out", help="output directory (new or empty)")
-    p.add_argument("--max-shard-size", default="5GB",
-                   help="split the weights into files of at most this size (default 5GB; e.g. 2GB, 500MB, 10GiB)")
+    p.add_argument("--max-shard-size", default="5GB", help=SHARD_SIZE_HELP)
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("info", help="describe a quantized checkpoint")

@@ -26,9 +26,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import (DEFAULT_SHARD_SIZE, CheckpointError, _all_tensors, _kept_float32, cast_floats_, check_device,
-                         check_float_dtype, finish_loading, model_class, parse_size, skeleton, stored_float_dtype,
-                         unwrap_compiled, write_shards)
+from .checkpoint import (DEFAULT_SHARD_SIZE, CheckpointError, _all_tensors, _kept_float32, _nbytes, cast_floats_,
+                         check_device, check_float_dtype, finish_loading, model_class, parse_size, plan_shards,
+                         skeleton, stored_float_dtype, unwrap_compiled, write_shards)
 from .nn import W8A8Experts, W8A8Linear
 
 WEIGHTS = {"per_channel": "channel", "per_tensor": "tensor"}
@@ -120,11 +120,12 @@ def export_compressed_tensors(model: nn.Module, path, tokenizer=None, *, max_sha
     exported["architectures"] = [type(model).__name__]
     exported["dtype"] = exported["torch_dtype"] = str(dtype).removeprefix("torch.")  # transformers 5 / 4
     exported["quantization_config"] = qconfig
-    written = write_shards(tensors, path, "model.safetensors", "model-{:05d}-of-{:05d}.safetensors", limit,
-                           {"format": "pt"}, own_copy, progress=progress)
+    sizes = {k: _nbytes(t) for k, t in tensors.items()}
+    written = write_shards(tensors, path, plan_shards(sizes, limit), "model.safetensors",
+                           "model-{:05d}-of-{:05d}.safetensors", {"format": "pt"}, own_copy, progress=progress)
     if len(written) > 1:
         weight_map = {key: name for name, keys in written for key in keys}
-        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+        index = {"metadata": {"total_size": sum(sizes.values())},
                  "weight_map": dict(sorted(weight_map.items()))}
         (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
     generation_config = getattr(model, "generation_config", None)

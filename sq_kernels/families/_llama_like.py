@@ -2,6 +2,8 @@
 (``input_layernorm -> q, k, v``) and before the gated MLP (``post_attention_layernorm -> gate, up``).
 Pairs: ``up -> down`` (the gate multiplies ``up`` elementwise, so ``down``'s input scales with ``up``'s
 output rows), ``v -> o`` only without grouped-query attention (each o input channel then has its own v row)."""
+import dataclasses
+
 from . import SmoothGroup
 
 
@@ -14,7 +16,8 @@ ATTENTION = SmoothGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_pro
 MLP = SmoothGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"))
 V_O_PAIR = SmoothGroup("self_attn.v_proj", ("self_attn.o_proj",), kind="linear", when=no_gqa,
                       note="skipped with grouped-query attention")
-PAIRS = (V_O_PAIR, SmoothGroup("mlp.up_proj", ("mlp.down_proj",), kind="linear"))
+UP_DOWN_PAIR = SmoothGroup("mlp.up_proj", ("mlp.down_proj",), kind="linear")
+PAIRS = (V_O_PAIR, UP_DOWN_PAIR)
 
 
 def sparse_mlp(layer) -> bool:
@@ -28,6 +31,6 @@ def dense_mlp(layer) -> bool:
 
 # MoE models whose layers are either the Llama-style gated MLP or a sparse block (router ``mlp.gate`` and
 # fused ``mlp.experts``): each layer gets the groups of the MLP it has.
-DENSE_MLP = SmoothGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), in_layer=dense_mlp)
-DENSE_PAIR = SmoothGroup("mlp.up_proj", ("mlp.down_proj",), kind="linear", in_layer=dense_mlp)
+DENSE_MLP = dataclasses.replace(MLP, in_layer=dense_mlp)
+DENSE_PAIR = dataclasses.replace(UP_DOWN_PAIR, in_layer=dense_mlp)
 ROUTER_KEEP_FP = ("mlp.gate", "MoE router: tiny, and its top-k routing is sensitive to error")

@@ -236,8 +236,8 @@ def infer_family(model: nn.Module) -> FamilySpec:
                       model_types=(getattr(config, "model_type", None) or type(model).__name__,),
                       layers=path, groups=tuple(groups), default_alpha=0.5,
                       keep_fp_modules=outside_language_model(model, root) if root else (),
-                      description="inferred from the model: " + ("; ".join(dict.fromkeys(notes)) or "every norm feeding "
-                                                                 "linears is smoothed"),
+                      description="inferred from the model: " + ("; ".join(dict.fromkeys(notes))
+                                                                 or "every norm feeding linears is smoothed"),
                       extra={"notes": list(dict.fromkeys(notes))})
     _CACHE[model] = spec
     return spec

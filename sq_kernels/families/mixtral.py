@@ -4,7 +4,7 @@
 code. The router is smoothed (its weights absorb ``s``) but stays in floating point: it is tiny and its
 top-k choice is sensitive. Alpha 0.8 (the SmoothQuant README's Mixtral-8x7B value)."""
 from . import FamilySpec, SmoothGroup
-from ._llama_like import ATTENTION, V_O_PAIR
+from ._llama_like import ATTENTION, ROUTER_KEEP_FP, V_O_PAIR
 
 SPEC = FamilySpec(
     name="Mixtral",
@@ -18,7 +18,7 @@ SPEC = FamilySpec(
         V_O_PAIR,
     ),
     default_alpha=0.8,
-    keep_fp=(("mlp.gate", "MoE router: tiny, and its top-k routing is sensitive to error"),),
+    keep_fp=(ROUTER_KEEP_FP,),
     experts=("mlp.experts",),
     description="Mixtral 8x7B-style sparse MoE (transformers v5 fused experts)",
 )

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -49,6 +50,21 @@ def _check_writable_file(path: str | None, flag: str, overwrite: bool = False) -
         raise ValueError(f"{flag} {path} is a directory; give a file name")
     if target.exists() and not overwrite:
         raise ValueError(f"{flag} {path} already exists; choose a new name or pass --overwrite to replace it")
+
+
+def _check_plot_file(path: str | None, flag: str, overwrite: bool = False) -> None:
+    """A plot to write: a new file (see _check_writable_file) with a suffix matplotlib writes, and matplotlib
+    importable, all checked before the long work the plot comes after."""
+    if path is None:
+        return
+    _check_writable_file(path, flag, overwrite)
+    from .plots import PLOT_SUFFIXES, require_matplotlib
+    if Path(path).suffix.lower() not in PLOT_SUFFIXES:
+        raise ValueError(f"{flag} {path}: the file name must end in one of {', '.join(PLOT_SUFFIXES)}")
+    try:
+        require_matplotlib(flag)
+    except ImportError as exc:
+        raise ValueError(str(exc)) from None
 
 
 def _load_model(path: str, device: str, dtype: str):
@@ -161,6 +177,9 @@ def _check_quantize_args(args, config) -> None:
     if args.stats and not Path(args.stats).is_file():
         raise ValueError(f"--stats {args.stats}: no such file")
     _check_writable_file(args.save_stats, "--save-stats", args.overwrite)
+    if args.plot and args.no_smooth:
+        raise ValueError("--plot shows what smoothing did, and --no-smooth smooths nothing: drop one of them")
+    _check_plot_file(args.plot, "--plot", args.overwrite)
 
 
 def cmd_calibrate(args) -> int:
@@ -210,6 +229,11 @@ def cmd_quantize(args) -> int:
         smoothing_file.unlink()
     print(_cli_words(str(report)))
     print(f"saved the quantized model to {args.out}")
+    if args.plot and not report.smoothing.vectors:
+        warnings.warn(f"--plot {args.plot}: not written, no group was smoothed")
+    elif args.plot:
+        from .plots import plot_smoothing
+        print(f"plotted the smoothing to {plot_smoothing(report.smoothing, args.plot)}")
     return 0
 
 
@@ -225,6 +249,9 @@ def cmd_eval(args) -> int:
         if getattr(args, name) is not None:
             check_positive_int(name, getattr(args, name))
     _check_writable_file(args.json, "--json", args.overwrite)
+    if args.plot and not args.sqnr_data:
+        raise ValueError("--plot draws the per-layer SQNR report: pass --reference DIR and --sqnr-data FILE too")
+    _check_plot_file(args.plot, "--plot", args.overwrite)
     _check_device(args.device)
     from .calibration import is_json_file
     if args.text_field and not any(p and is_json_file(p) for p in (args.ppl, args.lambada, args.sqnr_data)):
@@ -255,6 +282,10 @@ def cmd_eval(args) -> int:
         report = ev.layer_sqnr(reference, model, sqnr_data, tokenizer, seq_len=args.seq_len, progress=progress)
         results["layer_sqnr_db"] = report
         print(ev.format_sqnr_table(report))
+        if args.plot:
+            from .plots import plot_layer_sqnr
+            title = f"{args.model}: per-layer SQNR against {args.reference}"
+            print(f"plotted the per-layer SQNR to {plot_layer_sqnr(report, args.plot, title=title)}")
     for key, value in results.items():
         if key != "layer_sqnr_db":
             print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
@@ -527,6 +558,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stats", help="use statistics from this file instead of calibrating")
     p.add_argument("--save-stats", help="also write the calibration statistics to this file")
     p.add_argument("--max-shard-size", default="5GB", help=SHARD_SIZE_HELP)
+    p.add_argument("--plot", help="also draw what smoothing did to this file (.png/.pdf/.svg; needs matplotlib): "
+                                  "each group's activation and weight outliers before and after, and the channels "
+                                  "of the worst groups")
     runtime(p)
     p.set_defaults(func=cmd_quantize)
 
@@ -543,7 +577,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-windows", type=int, help="evaluate at most this many perplexity windows")
     p.add_argument("--max-samples", type=int, help="evaluate at most this many --lambada lines")
     p.add_argument("--json", help="also write the results to this JSON file")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
+    p.add_argument("--plot", help="also draw the per-layer SQNR report to this file (.png/.pdf/.svg; needs "
+                                  "matplotlib and --sqnr-data)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --json or --plot file")
     runtime(p)
     p.set_defaults(func=cmd_eval)
 

@@ -107,6 +107,9 @@ class SmoothReport:
     stats: ActStats | None = None
     search: dict[str, dict[str, float]] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
+    # per group (keyed by its source's full name): act / weight abs-max [K] before smoothing, the scale s, the
+    # alpha and the targets; for plots.plot_smoothing. Not in to_dict: JSON keeps the summary only.
+    vectors: dict[str, dict] = field(default_factory=dict, repr=False)
 
     def to_dict(self) -> dict:
         return {"family": self.family, "alphas": dict(self.alphas), "groups": list(self.groups),
@@ -265,7 +268,14 @@ def smooth_(model, stats: ActStats, config: SmoothQuantConfig | None = None, dat
             divisors[p.full(t)] = s
         groups.append({"layer": p.layer, "source": p.source, "targets": list(p.targets), "alpha": alphas[p.layer],
                        "s_min": float(s.min()), "s_max": float(s.max())})
-    report = SmoothReport(spec.name, alphas, groups, stats.scaled(divisors), search, skipped)
+    vectors = {}
+    for p, s in zip(plans, scales):
+        key = p.full(p.source)
+        if key in vectors:  # one source feeding two groups: name both by their targets
+            key = f"{key} -> {', '.join(p.targets)}"
+        vectors[key] = {"act": p.act.detach().cpu(), "weight": p.w.detach().cpu(), "scale": s.detach().cpu(),
+                        "alpha": alphas[p.layer], "targets": [p.full(t) for t in p.targets]}
+    report = SmoothReport(spec.name, alphas, groups, stats.scaled(divisors), search, skipped, vectors)
     try:
         model.sq_smoothing = report.to_dict()
         if getattr(model, "config", None) is not None:  # written by save_pretrained: survives a reload

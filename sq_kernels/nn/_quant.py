@@ -11,6 +11,10 @@ Math (symmetric INT8, matching ``sq_kernels.ops``)::
 """
 from __future__ import annotations
 
+import threading
+import weakref
+from contextlib import contextmanager
+
 import torch
 
 from .. import ops
@@ -90,6 +94,69 @@ def quantize_activation(x: torch.Tensor, activation: str, input_scale: torch.Ten
     if activation == "per_tensor":
         return ops.quantize_per_tensor(x)
     return ops.quantize_per_tensor(x, input_scale)
+
+
+class _Last:
+    """The last dynamic activation quantization of this thread: the input (weakly held), its version
+    counter, the scheme and stream it was quantized for, and the result."""
+    __slots__ = ("ref", "version", "key", "value", "__weakref__")
+
+    def __init__(self):
+        self.ref = self.version = self.key = self.value = None
+
+
+_local = threading.local()
+_sharing = {"enabled": True}
+
+
+def _forget(slot_ref, dead):
+    slot = slot_ref()
+    if slot is not None and slot.ref is dead:  # the input died: drop its int8 copy with it
+        slot.ref = slot.version = slot.key = slot.value = None
+
+
+def sharing_enabled() -> bool:
+    return _sharing["enabled"]
+
+
+@contextmanager
+def shared_activation_quantization(enabled: bool):
+    """Turn the reuse of one input's quantization by the linears that read it (q/k/v, gate/up) on or off
+    within a block; on by default. Off, every linear quantizes its input itself (the results are the
+    same bitwise either way; this is for measuring and debugging)."""
+    if not isinstance(enabled, bool):
+        raise ValueError(f"shared_activation_quantization: enabled must be True or False, got {enabled!r}")
+    before = _sharing["enabled"]
+    _sharing["enabled"] = enabled
+    try:
+        yield
+    finally:
+        _sharing["enabled"] = before
+
+
+def quantize_activation_shared(x: torch.Tensor, activation: str, input_scale: torch.Tensor | None):
+    """``quantize_activation``, reusing the result when this very tensor (the same object, not modified
+    since: same version counter) was just quantized the same way on the same stream. q/k/v read one norm
+    output, gate/up another: each is then quantized once instead of three and two times, bitwise the same.
+
+    Only dynamic schemes are shared (a static scale belongs to one linear). Not shared: under
+    ``torch.compile`` (the trace stays a plain graph), for inference-mode tensors (they have no version
+    counter, so a change in place could not be seen), when turned off. The int8 copy is held only while
+    the input lives (a weak reference's callback drops it)."""
+    if (activation == "static" or not _sharing["enabled"] or torch.compiler.is_compiling() or x.is_inference()):
+        return quantize_activation(x, activation, input_scale)
+    slot = getattr(_local, "slot", None)
+    if slot is None:
+        slot = _local.slot = _Last()
+    stream = torch.cuda.current_stream(x.device).cuda_stream if x.is_cuda else None
+    key = (activation, stream)
+    version = x._version
+    if slot.ref is not None and slot.ref() is x and slot.version == version and slot.key == key:
+        return slot.value
+    value = quantize_activation(x, activation, input_scale)
+    slot.ref = weakref.ref(x, lambda dead, s=weakref.ref(slot): _forget(s, dead))
+    slot.version, slot.key, slot.value = version, key, value
+    return value
 
 
 def int8_linear(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..config import ACTIVATION_SCHEMES, WEIGHT_GRANULARITIES
 from ..ops._library import no_backward_through
-from ._quant import (ALIGN, KeepFloat32Buffers, check_finite, check_input, int8_linear, quantize_activation,
+from ._quant import (ALIGN, KeepFloat32Buffers, check_finite, check_input, int8_linear, quantize_activation_shared,
                      quantize_weight, static_scale)
 
 
@@ -88,7 +88,7 @@ class W8A8Linear(KeepFloat32Buffers, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input("W8A8Linear", x, self.in_features)
-        x_q, x_scale = quantize_activation(x, self.activation, self.input_scale)
+        x_q, x_scale = quantize_activation_shared(x, self.activation, self.input_scale)
         out = int8_linear(x_q, x_scale, self.weight, self.weight_scale, self.bias, x.dtype)
         return no_backward_through(out, x, "W8A8Linear")
 

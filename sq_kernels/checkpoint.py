@@ -22,9 +22,12 @@ or whose bytes are damaged is rejected with a message saying which.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
+import os
 import re
+import tempfile
 from pathlib import Path, PureWindowsPath
 
 import torch
@@ -117,16 +120,34 @@ def _check_scales(tensors: dict[str, torch.Tensor], table: dict[str, dict], wher
             raise CheckpointError(f"{where}: scale {key!r} holds NaN, Inf or non-positive values")
 
 
+def _fresh_rotary(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``{buffer name: tensor}`` for rotary frequency buffers that a forward may have rescaled (transformers'
+    dynamic and long RoPE): each ``<prefix>inv_freq`` beside a ``<prefix>original_inv_freq`` is saved as a copy
+    of the original, the state of a freshly built model (which is what ``from_pretrained`` gives back too: the
+    rescaled table and its cached length are runtime state, not part of the model)."""
+    fresh = {}
+    for mname, module in model.named_modules():
+        for bname, buf in module._buffers.items():
+            if buf is None or not bname.endswith("inv_freq") or bname.endswith("original_inv_freq"):
+                continue
+            original = module._buffers.get(bname[: -len("inv_freq")] + "original_inv_freq")
+            if isinstance(original, torch.Tensor) and original.shape == buf.shape:
+                fresh[f"{mname}.{bname}" if mname else bname] = original.detach().to(buf.dtype, copy=True)
+    return fresh
+
+
 def _all_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str], list[str], set[str]]:
     """Every tensor to store (state dict + non-persistent buffers), shared tensors stored once, still on
     the model's device (``write_shards`` copies them to the host one shard at a time).
     Returns ``(tensors, aliases {dropped key: stored key}, non-persistent buffer names, own_copy)``;
     ``own_copy``: keys of views into memory another stored tensor also uses (written from a copy of their own:
-    safetensors stores each tensor separately)."""
+    safetensors stores each tensor separately). A buffer registered under two names (transformers' dynamic RoPE
+    after a reset) is an alias like a tied weight; rescaled rotary tables are stored fresh (``_fresh_rotary``)."""
     state = model.state_dict()
-    non_persistent = [n for n, _ in model.named_buffers() if n not in state]
-    buffers = dict(model.named_buffers())
-    items = list(state.items()) + [(n, buffers[n]) for n in non_persistent]
+    buffers = dict(model.named_buffers(remove_duplicate=False))
+    non_persistent = [n for n in buffers if n not in state]
+    fresh = _fresh_rotary(model)
+    items = list(state.items()) + [(n, fresh.get(n, buffers[n])) for n in non_persistent]
     tensors, aliases, seen, storages, own_copy = {}, {}, {}, set(), set()
     for key, t in items:
         t = t.detach()
@@ -143,6 +164,32 @@ def _all_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, s
     return tensors, aliases, non_persistent, own_copy
 
 
+def _check_savable(model: nn.Module, tensors: dict[str, torch.Tensor], where: str) -> None:
+    """What would make a save fail half-way, checked before anything is written or removed: a partly
+    converted model, tensors without data (meta: an offloaded model), a generation config transformers
+    refuses to write."""
+    partial = getattr(model, "sq_partial_conversion", None)
+    if partial:
+        remaining = list(partial.get("remaining", [])) if isinstance(partial, dict) else []
+        raise ValueError(f"{where}: the model is only partly converted (quantize_ stopped with {len(remaining)} "
+                         f"module(s) left, e.g. {remaining[:3]}); call quantize_ again to finish the conversion "
+                         f"before saving")
+    meta_keys = [k for k, t in tensors.items() if t.is_meta]
+    if meta_keys:
+        raise ValueError(f"{where}: {len(meta_keys)} tensor(s) hold no data (meta device: an offloaded or not fully "
+                         f"loaded model), e.g. {meta_keys[:3]}; load the whole model onto a device before saving")
+    generation_config = getattr(model, "generation_config", None)
+    validate = getattr(generation_config, "validate", None)
+    if callable(validate):
+        try:
+            validate(strict=True)
+        except TypeError:  # a transformers whose validate() takes no strict flag
+            validate()
+        except ValueError as exc:
+            raise ValueError(f"{where}: model.generation_config is invalid, so it cannot be saved (nothing was "
+                             f"written): {exc}") from None
+
+
 def _nbytes(t) -> int:
     return t.numel() * t.element_size()
 
@@ -157,7 +204,7 @@ def parse_size(size, what: str = "max_shard_size") -> int:
         unit = text[len(number):] or "B"
         try:
             value = int(float(number) * SIZE_UNITS[unit]) if unit in SIZE_UNITS else None
-        except ValueError:
+        except (ValueError, OverflowError):  # not a number; inf
             value = None
         if value is None:
             raise ValueError(f"{what} must be a number of bytes or a size such as '5GB', '500MB' or '2GiB', "
@@ -263,22 +310,35 @@ def save_quantized(model: nn.Module, path, *, max_shard_size=DEFAULT_SHARD_SIZE,
         if any(key.startswith(name + ".") for name in table):
             raise ValueError(f"save_quantized: {key} shares memory with {aliases[key]}; W8A8 buffers must be their own")
     _check_scales(tensors, table, "save_quantized")
+    _check_savable(model, tensors, "save_quantized")
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"save_quantized: {path} is a file; give a directory")
     weights = hf_weight_files(path)
     if weights:
         raise ValueError(f"save_quantized: {path} holds a model's weights ({', '.join(weights[:3])}); save the "
                          f"quantized model to a directory of its own")
     path.mkdir(parents=True, exist_ok=True)
-    (path / QUANT_FILE).unlink(missing_ok=True)  # written last: its presence marks a complete checkpoint
-    for old in _own_weight_files(path):  # an earlier save's weights (another shard count): not this model's
-        old.unlink()
-    config.architectures = [type(model).__name__]
+    saved_config = copy.deepcopy(config)  # the user's model keeps its own config as it was
+    saved_config.architectures = [type(model).__name__]
     if stored_float_dtype(model) is not None:  # the dtype the floating-point rest is stored in (after .half())
-        config.dtype = stored_float_dtype(model)
-    config.save_pretrained(path)
+        saved_config.dtype = stored_float_dtype(model)
     generation_config = getattr(model, "generation_config", None)
-    if generation_config is not None and hasattr(generation_config, "save_pretrained"):
-        generation_config.save_pretrained(path)
+    if generation_config is not None and not hasattr(generation_config, "save_pretrained"):
+        generation_config = None
+    # the small files are written aside first: a failure there leaves an earlier checkpoint in `path` whole
+    with tempfile.TemporaryDirectory(prefix=".sq_save-", dir=path) as staging:
+        saved_config.save_pretrained(staging)
+        if generation_config is not None:
+            generation_config.save_pretrained(staging)
+        earlier = (path / QUANT_FILE).is_file()
+        (path / QUANT_FILE).unlink(missing_ok=True)  # written last: its presence marks a complete checkpoint
+        for old in _own_weight_files(path):  # an earlier save's weights (another shard count): not this model's
+            old.unlink()
+        if earlier and generation_config is None:  # the earlier model's, which a load would otherwise pick up
+            (path / "generation_config.json").unlink(missing_ok=True)
+        for f in Path(staging).iterdir():
+            os.replace(f, path / f.name)
     meta = {
         "format": FORMAT,
         "format_version": 1,  # 2 when sharded, below
@@ -338,11 +398,13 @@ def read_quantization_config(path) -> dict:
         meta = json.loads(qfile.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{qfile} is corrupt (not JSON: {exc.msg} at line {exc.lineno})") from None
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{qfile} is corrupt (not UTF-8 text)") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{qfile}: format is {meta.get('format') if isinstance(meta, dict) else None!r}, "
                               f"expected {FORMAT!r}")
     version = meta.get("format_version")
-    if not isinstance(version, int) or version < 1:
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
         raise CheckpointError(f"{qfile}: invalid format_version {version!r}")
     if version > FORMAT_VERSION:
         raise CheckpointError(f"{qfile}: format_version {version} was written by a newer sq_kernels "
@@ -371,13 +433,14 @@ def _check_schema(meta: dict, qfile: Path) -> None:
                 isinstance(e, dict) and isinstance(e.get("file"), str) and e["file"] for e in shards):
             raise CheckpointError(f"{qfile}: field 'shards' must be a non-empty list of {{'file': name, 'sha256': "
                                   f"hex}} objects, got {shards!r}")
-        for e in shards:
-            _check_weights_file(e["file"], qfile, "shards")
-            if e.get("sha256") is not None and not isinstance(e["sha256"], str):
-                raise CheckpointError(f"{qfile}: shard {e['file']!r}: 'sha256' must be a string, got {e['sha256']!r}")
         files = [e["file"] for e in shards]
         if len(set(files)) != len(files):
             raise CheckpointError(f"{qfile}: field 'shards' names a file twice: {files}")
+        for e in shards:
+            _check_weights_file(e["file"], qfile, "shards")
+            if not isinstance(e.get("sha256"), str) or not re.fullmatch(r"[0-9a-f]{64}", e["sha256"]):
+                raise CheckpointError(f"{qfile}: shard {e['file']!r}: 'sha256' must be the file's SHA-256 (64 hex "
+                                      f"digits), got {e.get('sha256')!r}")
     tied = meta.get("tied", {})
     if not isinstance(tied, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in tied.items()):
         raise CheckpointError(f"{qfile}: field 'tied' must map tensor names to tensor names, got {tied!r}")
@@ -510,17 +573,30 @@ def finish_loading(model: nn.Module, path: Path, dtype, where) -> nn.Module:
     return model.eval()
 
 
-def _build_skeleton(path: Path, meta: dict, attn_implementation: str | None = None):
+def _build_skeleton(path: Path, meta: dict, attn_implementation: str | None = None, compute_buffers: bool = False):
+    """The model of ``meta['architecture']`` from ``path/config.json`` on the meta device, with W8A8 modules
+    where the table says; ``compute_buffers``: its buffers computed from the config on the CPU (``skeleton``),
+    to compare with the stored ones."""
     from transformers import AutoConfig
-    config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    try:
+        config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}/config.json could not be read as a transformers config: {exc}") from None
     if attn_implementation is not None:  # checked by transformers when the model is built: a ValueError
         config._attn_implementation = attn_implementation
     if meta.get("model_type") and config.model_type != meta["model_type"]:
         raise CheckpointError(f"config.json is a {config.model_type!r} config but the weights were saved from a "
                               f"{meta['model_type']!r} model")
     cls = model_class(meta["architecture"], f"the 'architecture' field of {QUANT_FILE}")
-    with torch.device("meta"):
-        model = cls(config)
+    try:
+        if compute_buffers:
+            model = skeleton(cls, config, "cpu")
+        else:
+            with torch.device("meta"):
+                model = cls(config)
+    except Exception as exc:  # noqa: BLE001  (a class that does not take this config fails in its own way)
+        raise CheckpointError(f"{meta['architecture']} (the 'architecture' field of {QUANT_FILE}) could not be "
+                              f"built from config.json ({config.model_type}): {type(exc).__name__}: {exc}") from None
     for name, d in meta["modules"].items():
         try:
             original = model.get_submodule(name)
@@ -608,17 +684,19 @@ def load_quantized(path, device=None, verify: bool = True, *, dtype=None, attn_i
         for f, digest in files:
             if digest and _sha256_file(f) != digest:
                 raise CheckpointError(f"{f} is corrupt: its SHA-256 differs from the one recorded when it was saved")
-    model = _build_skeleton(path, meta, attn_implementation)
+    for f, _ in files:  # one header read each: an edited table is named as such, before the model is built from it
+        _check_table_digest(_file_metadata(f), f, meta, path)
+    config_edited = _config_digest(path / "config.json") != meta["config_sha256"]
+    model = _build_skeleton(path, meta, attn_implementation, compute_buffers=config_edited)
     expected_state = model.state_dict(keep_vars=True)
     non_persistent = set(meta.get("non_persistent_buffers", []))
     aliases = dict(meta.get("tied", {}))
     kept_float32 = _kept_float32(model) | non_persistent
-    tensors, origin, file_metas = {}, {}, []
+    tensors, origin = {}, {}
     for weights, _ in files:  # shard by shard, each tensor straight to the device
         file_meta = _read_weights_file(weights, device, dtype, kept_float32, tensors, origin)
         if file_meta.get("format") != FORMAT:
             raise CheckpointError(f"{weights} is not an sq_kernels weights file (format={file_meta.get('format')!r})")
-        file_metas.append((weights, file_meta))
     weights = files[0][0] if len(files) == 1 else path
     expected = (set(expected_state) | non_persistent) - set(aliases)
     missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
@@ -626,14 +704,18 @@ def load_quantized(path, device=None, verify: bool = True, *, dtype=None, attn_i
         raise CheckpointError(f"{weights} does not match {meta['architecture']} from config.json: "
                               f"missing {missing[:6]}{'...' if len(missing) > 6 else ''}, "
                               f"unexpected {unexpected[:6]}{'...' if len(unexpected) > 6 else ''}")
+    model_buffers = dict(model.named_buffers(remove_duplicate=False))
     for key, t in tensors.items():
-        ref = expected_state.get(key)
+        ref = expected_state.get(key, model_buffers.get(key))
         if ref is not None and tuple(ref.shape) != tuple(t.shape):
             raise CheckpointError(f"{key}: stored shape {tuple(t.shape)}, the model expects {tuple(ref.shape)}")
-        if ref is not None and (ref.dtype == torch.int8) != (t.dtype == torch.int8):
+        if ref is not None and ((ref.dtype == torch.int8) != (t.dtype == torch.int8)
+                                or ref.is_floating_point() != t.is_floating_point()):
             raise CheckpointError(f"{key}: stored dtype {t.dtype}, the model expects {ref.dtype}")
-    for weights_file, file_meta in file_metas:
-        _check_table_digest(file_meta, weights_file, meta, path)
+        if key in non_persistent and t.is_floating_point() and not torch.isfinite(t).all():
+            raise CheckpointError(f"{key}: the stored buffer holds NaN or Inf")
+    if config_edited:
+        _rebuild_edited_buffers(tensors, non_persistent, model_buffers, path)
     _check_scales(tensors, meta["modules"], str(weights))
     for alias, target in aliases.items():
         if target not in tensors:
@@ -643,7 +725,7 @@ def load_quantized(path, device=None, verify: bool = True, *, dtype=None, attn_i
     model.load_state_dict(state, strict=True, assign=True)
     for key in non_persistent:
         owner, _, buf = key.rpartition(".")
-        (model.get_submodule(owner) if owner else model)._buffers[buf] = tensors[key]
+        (model.get_submodule(owner) if owner else model)._buffers[buf] = tensors[aliases.get(key, key)]
     for alias, target in aliases.items():  # re-tie: one Parameter object, as in the saved model
         a_owner, _, a_name = alias.rpartition(".")
         t_owner, _, t_name = target.rpartition(".")
@@ -676,6 +758,41 @@ def _read_weights_file(weights: Path, device, dtype, kept_float32: set[str], ten
     except OSError as exc:
         raise CheckpointError(f"{weights} could not be read: {exc}") from None
     return file_meta
+
+
+def _file_metadata(weights: Path) -> dict:
+    """The safetensors metadata of a weights file (its header only)."""
+    from safetensors import SafetensorError, safe_open
+    try:
+        with safe_open(str(weights), framework="pt", device="cpu") as f:
+            return f.metadata() or {}
+    except SafetensorError as exc:
+        raise CheckpointError(f"{weights} is corrupt or truncated: {exc}") from None
+    except OSError as exc:
+        raise CheckpointError(f"{weights} could not be read: {exc}") from None
+
+
+def _rebuild_edited_buffers(tensors: dict, non_persistent: set[str], model_buffers: dict, path: Path) -> None:
+    """config.json was edited after saving (``verify=False``): a non-persistent buffer the edited config
+    computes differently (rotary frequencies after a ``rope_theta`` or RoPE-scaling edit) is taken from the
+    model built from it, in the stored dtype, so the model follows its config; one it computes the same up
+    to float rounding keeps its stored, bitwise value."""
+    rebuilt = []
+    for key in sorted(non_persistent):
+        ref, t = model_buffers.get(key), tensors.get(key)
+        if ref is None or t is None or ref.is_meta or not t.is_floating_point() or ref.shape != t.shape:
+            continue
+        computed = ref.to(device=t.device, dtype=t.dtype)
+        ulps = 2 * torch.finfo(t.dtype).eps  # another device's math differs in the last bit, an edit by more
+        if not torch.allclose(computed.float(), t.float(), rtol=ulps, atol=0.0):
+            tensors[key] = computed
+            rebuilt.append(key)
+    if rebuilt:
+        import warnings
+        warnings.warn(f"{path}/config.json was edited after saving and gives other values for {len(rebuilt)} "
+                      f"buffer(s) than the saved model had ({', '.join(rebuilt[:3])}"
+                      f"{', ...' if len(rebuilt) > 3 else ''}): they were rebuilt from the edited config",
+                      stacklevel=3)
 
 
 def _check_table_digest(file_meta: dict, weights: Path, meta: dict, path: Path) -> None:

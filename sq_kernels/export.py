@@ -21,12 +21,14 @@ the tests check the layout and that dequantizing it gives back this model's weig
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .checkpoint import (DEFAULT_SHARD_SIZE, CheckpointError, _all_tensors, _kept_float32, _nbytes, cast_floats_,
+from .checkpoint import (DEFAULT_SHARD_SIZE, CheckpointError, _all_tensors, _check_savable, _check_scales,
+                         _kept_float32, _module_table, _nbytes, cast_floats_,
                          check_device, check_float_dtype, finish_loading, model_class, parse_size, plan_shards,
                          skeleton, stored_float_dtype, unwrap_compiled, write_shards)
 from .nn import W8A8Experts, W8A8Linear
@@ -110,12 +112,27 @@ def export_compressed_tensors(model: nn.Module, path, tokenizer=None, *, max_sha
     tensors, _aliases, non_persistent, own_copy = _all_tensors(model)  # tied weights stored once, as HF does
     for key in non_persistent:  # rotary tables and the like: rebuilt by the model, not part of a checkpoint
         tensors.pop(key, None)
+    _check_scales(tensors, _module_table(model), "export")  # a NaN, Inf or zero scale would be served as is
+    _check_savable(model, tensors, "export")
     dtype = stored_float_dtype(model) or torch.float16
     for name, m in model.named_modules():
         if isinstance(m, W8A8Linear):
             if m.weight_granularity == "per_channel":
                 tensors[f"{name}.weight_scale"] = tensors[f"{name}.weight_scale"].reshape(-1, 1).contiguous()
+    created = not path.exists()
     path.mkdir(parents=True, exist_ok=True)
+    try:
+        _write_export(model, config, qconfig, tensors, own_copy, dtype, path, tokenizer, limit, progress)
+    except BaseException:  # the directory was new or empty: what is in it now is this export's, half-written
+        for f in path.iterdir():
+            shutil.rmtree(f) if f.is_dir() else f.unlink()
+        if created:
+            path.rmdir()
+        raise
+    return path
+
+
+def _write_export(model, config, qconfig, tensors, own_copy, dtype, path: Path, tokenizer, limit, progress) -> None:
     exported = json.loads(config.to_json_string())
     exported["architectures"] = [type(model).__name__]
     exported["dtype"] = exported["torch_dtype"] = str(dtype).removeprefix("torch.")  # transformers 5 / 4
@@ -135,7 +152,6 @@ def export_compressed_tensors(model: nn.Module, path, tokenizer=None, *, max_sha
         tokenizer.save_pretrained(path)
     # config.json last: until it is there, the directory is not a model anything would load
     (path / "config.json").write_text(json.dumps(exported, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    return path
 
 
 def _ignored(name: str, ignore) -> bool:
@@ -175,7 +191,15 @@ def load_compressed_tensors(path, device=None, dtype=None) -> nn.Module:
     config_file = path / "config.json"
     if not config_file.is_file():
         raise CheckpointError(f"{path}: config.json is missing")
-    q = json.loads(config_file.read_text(encoding="utf-8")).get("quantization_config") or {}
+    try:
+        raw = json.loads(config_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{config_file} is not JSON text: {exc}") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{config_file} must hold a JSON object, got {type(raw).__name__}")
+    q = raw.get("quantization_config") or {}
+    if not isinstance(q, dict):
+        raise CheckpointError(f"{config_file}: quantization_config must be an object, got {q!r}")
     if q.get("quant_method") != "compressed-tensors":
         raise CheckpointError(f"{path}: config.json has no compressed-tensors quantization_config "
                               f"(quant_method={q.get('quant_method')!r})")
@@ -183,6 +207,8 @@ def load_compressed_tensors(path, device=None, dtype=None) -> nn.Module:
         raise CheckpointError(f"{path}: format {q.get('format')!r}; sq_kernels reads 'int-quantized' (int8 tensors "
                               f"stored as they are)")
     groups = q.get("config_groups") or {}
+    if not isinstance(groups, dict) or not all(isinstance(g, dict) for g in groups.values()):
+        raise CheckpointError(f"{config_file}: config_groups must map group names to objects, got {groups!r}")
     if len(groups) != 1 or list(groups.values())[0].get("targets") != ["Linear"]:
         raise CheckpointError(f"{path}: {len(groups)} config groups with targets "
                               f"{[g.get('targets') for g in groups.values()]}; sq_kernels reads one group targeting "
@@ -210,9 +236,14 @@ def load_compressed_tensors(path, device=None, dtype=None) -> nn.Module:
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child,
                     W8A8Linear(m.in_features, m.out_features, m.bias is not None, weight, activation, device="meta"))
-    state = {}
+    state, origin = {}, {}
     for f in files:
-        state.update(load_file(str(f), device=str(device)))
+        shard = load_file(str(f), device=str(device))
+        twice = [k for k in shard if k in origin]
+        if twice:
+            raise CheckpointError(f"{twice[0]} is stored twice, in {origin[twice[0]]} and {f.name}")
+        origin.update(dict.fromkeys(shard, f.name))
+        state.update(shard)
     for name, m in model.named_modules():
         if not isinstance(m, W8A8Linear):
             continue
@@ -226,6 +257,8 @@ def load_compressed_tensors(path, device=None, dtype=None) -> nn.Module:
             raise CheckpointError(f"{name}.weight is {w.dtype}, expected int8 (the config says it is quantized)")
         for key in (f"{name}.weight_scale", f"{name}.input_scale", f"{name}.bias"):
             if key in state:
+                if not state[key].is_floating_point():
+                    raise CheckpointError(f"{key} is {state[key].dtype}, expected a floating-point tensor")
                 state[key] = state[key].reshape(-1).to(torch.float32).contiguous()
         for key in (f"{name}.weight_scale", f"{name}.input_scale"):
             t = state.get(key)

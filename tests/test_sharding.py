@@ -113,7 +113,8 @@ def test_shard_of_another_checkpoint(sharded, tmp_path_factory):
     ([{"sha256": None}], "'shards' must be a non-empty list"),
     ([{"file": "../x.safetensors"}], "'shards' must be a plain file name"),
     ([{"file": "a.safetensors"}, {"file": "a.safetensors"}], "names a file twice"),
-    ([{"file": "a.safetensors", "sha256": 5}], "'sha256' must be a string"),
+    ([{"file": "a.safetensors", "sha256": 5}], "'sha256' must be the file's SHA-256"),
+    ([{"file": "a.safetensors", "sha256": None}], "'sha256' must be the file's SHA-256"),
 ])
 def test_bad_shard_lists(sharded, shards, message):
     meta = json.loads((sharded / QUANT_FILE).read_text())

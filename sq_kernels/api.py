@@ -12,6 +12,9 @@ converts module by module, freeing each floating-point original before building 
 the model plus one module). ``atomic=True`` builds every new module before touching the model instead
 (any error leaves it unchanged; peak: the model plus its int8 copy). Modules that stay in floating point
 are listed with their reason (and warned about when the kernels cannot run them), never skipped silently.
+A module registered under several names is converted once and installed at every name; hooks registered
+on a replaced module move to its W8A8 version; a tied ``lm_head`` that is quantized gets its own int8 copy,
+and the model's config stops asking transformers to tie it again.
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ from .checkpoint import guard_hf_saving
 from .config import SmoothQuantConfig, as_config, pattern_matches
 from .families import UnsupportedModelError, family_of
 from .nn import W8A8Experts, W8A8Linear
-from .nn.convert import (PartialConversionError, build_modules, check_sources, convert_in_place,
+from .nn.convert import (PartialConversionError, build_modules, check_dtypes, check_sources, convert_in_place,
                          plan_conversion, swap_modules, warn_kept)
 from .smooth import SmoothReport, smooth_
 
@@ -34,15 +37,20 @@ from .smooth import SmoothReport, smooth_
 @dataclass
 class ConversionReport:
     """``converted``: module name -> scheme; ``kept``: module name -> why it stays in floating point;
-    ``smoothing``: the ``SmoothReport`` when the model was smoothed."""
+    ``smoothing``: the ``SmoothReport`` when the model was smoothed; ``shared``: other name -> the name
+    under which a module registered twice is listed (its W8A8 version is installed at both); ``notes``:
+    what else changed (a tied weight untied)."""
     converted: dict[str, str] = field(default_factory=dict)
     kept: dict[str, str] = field(default_factory=dict)
     smoothing: SmoothReport | None = None
     config: dict | None = None
+    shared: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {"converted": dict(self.converted), "kept": dict(self.kept), "config": self.config,
-                "smoothing": self.smoothing.to_dict() if self.smoothing is not None else None}
+                "smoothing": self.smoothing.to_dict() if self.smoothing is not None else None,
+                "shared": dict(self.shared), "notes": list(self.notes)}
 
     def __str__(self) -> str:
         lines = [f"W8A8: {len(self.converted)} module(s) converted, {len(self.kept)} kept in floating point"]
@@ -51,6 +59,8 @@ class ConversionReport:
             schemes[scheme] = schemes.get(scheme, 0) + 1
         lines += [f"  {n} x {scheme}" for scheme, n in schemes.items()]
         lines += [f"  kept {name}: {why}" for name, why in self.kept.items()]
+        lines += [f"  {alias}: the same module as {name} (treated with it)" for alias, name in self.shared.items()]
+        lines += [f"  note: {note}" for note in self.notes]
         if self.smoothing is not None:
             lines.append(str(self.smoothing))
         return "\n".join(lines)
@@ -61,6 +71,65 @@ def _family_or_none(model, config: SmoothQuantConfig):
         return family_of(model, config.family)
     except UnsupportedModelError:
         return None
+
+
+def _check_quantizable(model, spec, what: str) -> None:
+    """The family's refusal of configurations no quantized module can serve (BLOOM's slow_but_exact), before
+    anything changes."""
+    reason = spec.quantize_refusal(getattr(model, "config", None)) if spec is not None else None
+    if reason:
+        raise ValueError(f"{what}: {spec.name}: cannot quantize this model: {reason}")
+
+
+def _tied_weights(model: nn.Module, plan) -> dict[str, list[str]]:
+    """``{name: [other parameter names]}`` for planned linears whose weight is also another module's parameter
+    (a tied lm_head and embedding)."""
+    owners: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(param), []).append(name)
+    tied = {}
+    for e in plan.converted:
+        if e.kind != "linear":
+            continue
+        own = {f"{n}.weight" if n else "weight" for n in [e.name] + e.aliases}
+        others = [n for n in owners.get(id(e.module.weight), []) if n not in own]
+        if others:
+            tied[e.name] = others
+    return tied
+
+
+def _untie(model: nn.Module, plan, tied: dict[str, list[str]], tied_head: set[str]) -> list[str]:
+    """Notes on the tied weights whose linear is now W8A8 (an int8 copy of its own). When that linear is the
+    model's output embedding (named in ``tied_head``), ``tie_word_embeddings`` is set to False in the config
+    (and its text_config), so that transformers' ``tie_weights()`` (resize_token_embeddings, PEFT, loading)
+    cannot put the floating-point embedding in place of the int8 weight."""
+    done = [e for e in plan.converted if e.name in tied and isinstance(e.module, (W8A8Linear, W8A8Experts))]
+    notes = [f"{e.name}: its weight was tied to {', '.join(tied[e.name])}; the W8A8 module holds its own int8 "
+             f"copy, so they are no longer tied" for e in done]
+    if any(e.name in tied_head for e in done):
+        config = getattr(model, "config", None)
+        flipped = []
+        for where, c in (("config", config), ("config.text_config", getattr(config, "text_config", None))):
+            if c is not None and getattr(c, "tie_word_embeddings", False):
+                c.tie_word_embeddings = False
+                flipped.append(f"{where}.tie_word_embeddings")
+        if flipped:
+            notes.append(f"set {' and '.join(flipped)} to False, so that transformers' tie_weights() cannot replace "
+                         f"the int8 lm_head weight by the floating-point embedding")
+    return notes
+
+
+def _record_partial(model: nn.Module, plan) -> None:
+    """``model.sq_partial_conversion = {"converted": [...], "remaining": [...]}`` after a conversion stopped
+    half-way (names converted by an earlier partial call included); save_quantized refuses such a model."""
+    done = [e.name for e in plan.converted if isinstance(e.module, (W8A8Linear, W8A8Experts))]
+    remaining = [e.name for e in plan.converted if not isinstance(e.module, (W8A8Linear, W8A8Experts))]
+    before = getattr(model, "sq_partial_conversion", None)
+    earlier = list(before.get("converted", [])) if isinstance(before, dict) else []
+    try:
+        model.sq_partial_conversion = {"converted": list(dict.fromkeys(earlier + done)), "remaining": remaining}
+    except AttributeError:
+        pass
 
 
 class _EveryStat:
@@ -93,7 +162,7 @@ def _warn_unmatched_patterns(model: nn.Module, config: SmoothQuantConfig, plan, 
     """A pattern (or class name) of include / exclude / set_local that matches no candidate module is almost
     always a typo, and its rule silently does nothing: say so."""
     default = SmoothQuantConfig(progress=False)
-    seen = [(e.name, e.module) for e in plan.entries]
+    seen = [(n, e.module) for e in plan.entries for n in [e.name] + e.aliases]
     example = seen[0][0] if seen else None
     for rule, patterns, defaults in (("include", config.include, default.include),
                                      ("exclude", config.exclude, default.exclude),
@@ -148,11 +217,17 @@ def _quantize(model: nn.Module, config: SmoothQuantConfig | None, stats: ActStat
         if config.needs_static_scales():  # only static scales are read from the statistics
             check_stats_match_smoothing(model, stats, "quantize_")
     spec = _family_or_none(model, config)
+    _check_quantizable(model, spec, "quantize_")
     plan = plan_conversion(model, config, stats, spec)
     if warn_patterns:
         _warn_unmatched_patterns(model, config, plan)
     _require_conversions(model, plan, "quantize_")
+    check_dtypes(plan, "quantize_")
     warn_kept(plan)
+    tied = _tied_weights(model, plan)
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if tied and callable(get_head) else None
+    tied_head = {e.name for e in plan.converted if e.name in tied and head is not None and e.module is head}
     try:
         if atomic:  # building every module before any swap is itself the check
             new_modules = build_modules(plan, stats, progress=config.progress)
@@ -162,6 +237,8 @@ def _quantize(model: nn.Module, config: SmoothQuantConfig | None, stats: ActStat
         raise _nothing_converted(exc) from exc
     if atomic:
         swap_modules(model, new_modules)
+        for e in plan.converted:
+            e.module = new_modules[e.name]
         del new_modules
     else:
         try:
@@ -169,14 +246,23 @@ def _quantize(model: nn.Module, config: SmoothQuantConfig | None, stats: ActStat
         except PartialConversionError as exc:
             if not exc.converted:  # the first module failed: as if nothing had started
                 raise _nothing_converted(exc.__cause__) from exc.__cause__
+            _record_partial(model, plan)
+            _untie(model, plan, tied, tied_head)
             guard_hf_saving(model)  # int8 modules are in: save_pretrained would write them as floats
             raise
         except BaseException:
+            if any(isinstance(e.module, (W8A8Linear, W8A8Experts)) for e in plan.converted):
+                _record_partial(model, plan)
+                _untie(model, plan, tied, tied_head)
             if any(isinstance(m, (W8A8Linear, W8A8Experts)) for m in model.modules()):
                 guard_hf_saving(model)
             raise
+    notes = _untie(model, plan, tied, tied_head)
     report = ConversionReport({e.name: str(e.scheme) for e in plan.converted},
-                              {e.name: e.reason for e in plan.kept}, config=config.to_dict())
+                              {e.name: e.reason for e in plan.kept}, config=config.to_dict(),
+                              shared={a: e.name for e in plan.entries for a in e.aliases}, notes=notes)
+    if "sq_partial_conversion" in getattr(model, "__dict__", {}):  # this call finished what an earlier one left
+        del model.sq_partial_conversion
     smoothing = getattr(model, "sq_smoothing", None)
     try:
         model.sq_quantization = {"config": config.to_dict(), "converted": dict(report.converted),
@@ -213,9 +299,12 @@ def smoothquant(model: nn.Module, data=None, config: SmoothQuantConfig | None = 
             raise ValueError(f"{spec.name}: cannot smooth this model: {reason}")
     # What would be converted is known before any calibration: a pattern that matches nothing fails now,
     # not after a calibration pass over a large model.
-    dry = plan_conversion(model, config, _EveryStat(), _family_or_none(model, config))
+    quant_spec = _family_or_none(model, config)
+    _check_quantizable(model, quant_spec, "smoothquant")
+    dry = plan_conversion(model, config, _EveryStat(), quant_spec)
     _warn_unmatched_patterns(model, config, dry, stacklevel=3)
     _require_conversions(model, dry, "smoothquant")
+    check_dtypes(dry, "smoothquant")
     del dry  # it holds every module: quantize_ frees each floating-point original as it converts it
     needs_data = stats is None or (config.smooth and config.alpha == "auto")
     if data is None and needs_data:

@@ -632,9 +632,11 @@ def collect_act_stats(model, data, tokenizer=None, *, num_samples: int = 128, se
     targets = default_targets(model, family) if targets is None else targets
     if not targets:
         raise ValueError(f"collect_act_stats: {type(model).__name__} has no nn.Linear or experts module to observe")
+    if not isinstance(progress, bool):
+        raise ValueError(f"collect_act_stats: progress must be True or False, got {progress!r}")
     runner = _layerwise_runner(model, batches, device, family, "collect_act_stats")
     device = model_device(model) if runner is None else runner.device
-    observers, down_observers, handles, patched = {}, {}, [], []
+    observers, down_observers, handles, patched = {}, {}, [], []  # patched: (module, its own instance forward)
 
     def make_hook(obs):
         def hook(module, args, kwargs):
@@ -658,8 +660,8 @@ def collect_act_stats(model, data, tokenizer=None, *, num_samples: int = 128, se
                 def forward(hidden_states, top_k_index, top_k_weights, _m=module, _obs=obs, _down=down):
                     _obs.update(hidden_states)
                     return experts_forward_float(_m, hidden_states, top_k_index, top_k_weights, _down.update)
+                patched.append((module, module.__dict__.get("forward")))  # e.g. an accelerate hook's: restored
                 module.forward = forward  # instance attribute: shadows the class forward during calibration
-                patched.append(module)
             else:
                 handles.append(module.register_forward_pre_hook(make_hook(obs), with_kwargs=True))
         if runner is None:
@@ -673,8 +675,11 @@ def collect_act_stats(model, data, tokenizer=None, *, num_samples: int = 128, se
     finally:
         for h in handles:
             h.remove()
-        for module in patched:
-            del module.forward
+        for module, forward in patched:
+            if forward is None:
+                module.__dict__.pop("forward", None)
+            else:
+                module.forward = forward
         if runner is not None:
             runner.__exit__()
         model.train(was_training)

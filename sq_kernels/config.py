@@ -52,7 +52,8 @@ class Scheme:
 def check_alpha(alpha, what: str = "alpha") -> None:
     """Reject an alpha outside [0, 1] (or a non-number) with a ValueError naming it."""
     if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):  # numpy scalars are numbers.Real
-        raise ValueError(f"{what} must be a number in [0, 1] or 'auto', got {alpha!r}")
+        hint = " (for a one-element tensor pass float(t))" if type(alpha).__name__ == "Tensor" else ""
+        raise ValueError(f"{what} must be a number in [0, 1] or 'auto', got {alpha!r}{hint}")
     if not (0.0 <= float(alpha) <= 1.0):
         raise ValueError(f"{what} must lie in [0, 1] (the migration strength), got {alpha}")
 
@@ -77,7 +78,8 @@ class SmoothQuantConfig:
         exclude: patterns of modules kept in floating point (``lm_head`` by default; a str is one pattern).
         local: per-module rules, applied in order (later wins): ``{pattern or class name: "fp" or
             {"weight": ..., "activation": ...}}``; fill it with ``set_local``.
-        smooth: False quantizes without smoothing (naive W8A8).
+        smooth: False quantizes without smoothing (naive W8A8). ``smooth``, ``fold_linear_pairs`` and
+            ``progress`` must be real bools (a string such as ``"false"`` is refused, not read as truthy).
         fold_linear_pairs: also smooth the linears that have no norm in front by folding ``s`` into
             the linear that produces their input (up -> down, OPT fc1 -> fc2 through ReLU, v -> o
             without grouped-query attention).
@@ -126,9 +128,19 @@ class SmoothQuantConfig:
         if self.alpha is not None and not (isinstance(self.alpha, str) and self.alpha == "auto"):
             check_alpha(self.alpha)
             self.alpha = float(self.alpha)  # a numpy scalar becomes a float (the config is saved as JSON)
-        if self.scheme not in SCHEMES:
+        for name in ("smooth", "fold_linear_pairs", "progress"):
+            value = getattr(self, name)
+            if not isinstance(value, bool):  # "false" would be truthy, None falsy
+                raise ValueError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
+        if not isinstance(self.scheme, str) or self.scheme not in SCHEMES:
             raise ValueError(f"scheme must be one of {sorted(SCHEMES)}, got {self.scheme!r}")
-        self.default_scheme()  # validates weight / activation overrides
+        for name, label, allowed in (("weight", "weight granularity", WEIGHT_GRANULARITIES),
+                                     ("activation", "activation scheme", ACTIVATION_SCHEMES)):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or value not in allowed):
+                raise ValueError(f"{name}: the {label} must be None (the scheme's default) or one of {allowed}, got "
+                                 f"{value!r}")
+        self.default_scheme()
         for key, value in self.local.items():
             _check_local(key, value)
         if self.family is not None and not (isinstance(self.family, str) and self.family == "auto"):
@@ -150,13 +162,15 @@ class SmoothQuantConfig:
                     from None
         for name in ("num_samples", "seq_len", "batch_size", "alpha_search_batches"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            setattr(self, name, int(value))  # a numpy integer becomes an int (the config is saved as JSON)
         return self
 
     def default_scheme(self) -> Scheme:
         weight, activation = SCHEMES[self.scheme]
-        return Scheme(self.weight or weight, self.activation or activation)
+        return Scheme(weight if self.weight is None else self.weight,
+                      activation if self.activation is None else self.activation)
 
     def set_local(self, pattern: str, scheme: str | dict | Scheme | None = None, **overrides) -> "SmoothQuantConfig":
         """Give modules matching ``pattern`` (fnmatch on the name, or a class name such as ``"Linear"``)

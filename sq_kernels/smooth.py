@@ -183,6 +183,12 @@ def plan_smoothing(model, stats: ActStats, config: SmoothQuantConfig,
             _check_source(layer, lname, group, w.shape[0])
             plans.append(GroupPlan(lname, group.source, group.kind, tuple(group.targets), act, w,
                                    group.weight_offset))
+    if not plans:
+        why = ("the table has no groups" if not spec.groups else
+               f"the table's {len(spec.groups)} group(s) are excluded by their when= / in_layer= conditions")
+        warnings.warn(f"{spec.name}: no smoothing group applies to this model's {len(layers)} decoder layers at "
+                      f"{spec.layers!r} ({why}), so nothing is smoothed; check the table, or quantize without "
+                      f"smoothing on purpose with smooth=False", UserWarning, stacklevel=3)
     return plans, skipped
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import numbers
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -31,6 +32,20 @@ _REGISTRY: dict[str, str] = {
     "gemma3_text": "sq_kernels.families.gemma3",
 }
 _USER: dict[str, "FamilySpec"] = {}
+GROUP_KINDS = ("norm", "linear")
+
+
+def _paths(value, what: str, example: str, empty: bool = False) -> tuple[str, ...]:
+    """``value`` (a tuple or list of non-empty str) as a tuple; a bare str is refused (it is not a tuple of
+    one: ``("a.b")`` is the str ``"a.b"``)."""
+    if isinstance(value, str):
+        raise ValueError(f"{what} must be a tuple of str, got the str {value!r} (a tuple of one is written "
+                         f"({value!r},), with the comma)")
+    if not isinstance(value, (tuple, list)) or not all(isinstance(v, str) and v for v in value) or \
+            (not value and not empty):
+        raise ValueError(f"{what} must be a {'' if empty else 'non-empty '}tuple of non-empty str (e.g. "
+                         f"({example!r},)), got {value!r}")
+    return tuple(value)
 
 
 @dataclass(frozen=True)
@@ -54,6 +69,24 @@ class SmoothGroup:
     note: str = ""
     in_layer: Callable | None = None
     weight_offset: float = 0.0
+
+    def __post_init__(self):
+        what = f"SmoothGroup({self.source!r})"
+        if not isinstance(self.source, str) or not self.source:
+            raise ValueError(f"SmoothGroup: source must be a non-empty module path (str), got {self.source!r}")
+        object.__setattr__(self, "targets", _paths(self.targets, f"{what}: targets", "self_attn.q_proj"))
+        if self.kind not in GROUP_KINDS:
+            raise ValueError(f"{what}: kind must be one of {GROUP_KINDS} ('norm': a norm's weight and bias are "
+                             f"divided by s; 'linear': a linear's output rows), got {self.kind!r}")
+        for name in ("when", "in_layer"):
+            value = getattr(self, name)
+            if value is not None and not callable(value):
+                raise ValueError(f"{what}: {name} must be None or a callable, got {type(value).__name__} {value!r}")
+        if not isinstance(self.note, str):
+            raise ValueError(f"{what}: note must be a str, got {type(self.note).__name__}")
+        if isinstance(self.weight_offset, bool) or not isinstance(self.weight_offset, numbers.Real):
+            raise ValueError(f"{what}: weight_offset must be a number (1.0 for a norm computing (1 + weight) * x), "
+                             f"got {self.weight_offset!r}")
 
     def applies(self, config) -> bool:
         return self.when is None or bool(self.when(config))
@@ -80,6 +113,10 @@ class FamilySpec:
             model's vision tower).
         sub_config: the attribute of the model's config that ``refuse`` and ``SmoothGroup.when`` read
             (``"text_config"`` for a language model inside a multimodal model), or "" for the config itself.
+        refuse_quantize: config -> reason string when this configuration cannot be quantized at all, smoothed
+            or not (its forward reads linears' weights directly), else None; ``smooth_`` checks it too.
+
+    Every field is checked when the table is built (ValueError naming the table and the field).
     """
     name: str
     model_types: tuple[str, ...]
@@ -94,13 +131,58 @@ class FamilySpec:
     extra: dict = field(default_factory=dict)
     keep_fp_modules: tuple[tuple[str, str], ...] = ()
     sub_config: str = ""
+    refuse_quantize: Callable | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"FamilySpec: name must be a non-empty str, got {self.name!r}")
+        what = f"FamilySpec {self.name!r}"
+        object.__setattr__(self, "model_types", _paths(self.model_types, f"{what}: model_types", "llama"))
+        if not isinstance(self.layers, str) or not self.layers:
+            raise ValueError(f"{what}: layers must be the dotted path of the decoder layers (a non-empty str, e.g. "
+                             f"'model.layers'), got {self.layers!r}")
+        for name in ("groups", "linear_pairs"):
+            value = getattr(self, name)
+            if isinstance(value, SmoothGroup) or not isinstance(value, (tuple, list)) or \
+                    not all(isinstance(g, SmoothGroup) for g in value):
+                raise ValueError(f"{what}: {name} must be a tuple of SmoothGroup, got {value!r}")
+            object.__setattr__(self, name, tuple(value))
+        if isinstance(self.default_alpha, bool) or not isinstance(self.default_alpha, numbers.Real) or \
+                not 0.0 <= float(self.default_alpha) <= 1.0:
+            raise ValueError(f"{what}: default_alpha must be a number in [0, 1] (the migration strength), got "
+                             f"{self.default_alpha!r}")
+        for name in ("keep_fp", "keep_fp_modules"):
+            value = getattr(self, name)
+            if not isinstance(value, (tuple, list)) or not all(
+                    isinstance(p, (tuple, list)) and len(p) == 2 and all(isinstance(x, str) and x for x in p)
+                    for p in value):
+                raise ValueError(f"{what}: {name} must be a tuple of (pattern, reason) pairs of non-empty str, got "
+                                 f"{value!r}")
+            object.__setattr__(self, name, tuple(tuple(p) for p in value))
+        object.__setattr__(self, "experts", _paths(self.experts, f"{what}: experts", "mlp.experts", empty=True))
+        for name in ("refuse", "refuse_quantize"):
+            value = getattr(self, name)
+            if value is not None and not callable(value):
+                raise ValueError(f"{what}: {name} must be None or a callable (config -> reason or None), got "
+                                 f"{type(value).__name__} {value!r}")
+        for name in ("description", "sub_config"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"{what}: {name} must be a str, got {getattr(self, name)!r}")
+        if not isinstance(self.extra, dict):
+            raise ValueError(f"{what}: extra must be a dict, got {type(self.extra).__name__}")
 
     def table_config(self, config):
         """The part of the model's config this table reads."""
         return getattr(config, self.sub_config, None) if self.sub_config else config
 
     def refusal(self, config) -> str | None:
-        return self.refuse(self.table_config(config)) if self.refuse is not None else None
+        """Why this configuration cannot be smoothed (``refuse``, then ``refuse_quantize``), or None."""
+        reason = self.refuse(self.table_config(config)) if self.refuse is not None else None
+        return reason or self.quantize_refusal(config)
+
+    def quantize_refusal(self, config) -> str | None:
+        """Why this configuration cannot be quantized, smoothed or not (``refuse_quantize``), or None."""
+        return self.refuse_quantize(self.table_config(config)) if self.refuse_quantize is not None else None
 
     def active_groups(self, config, fold_linear_pairs: bool = False) -> list[SmoothGroup]:
         config = self.table_config(config)

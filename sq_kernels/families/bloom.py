@@ -1,8 +1,8 @@
 """BLOOM: ``input_layernorm -> query_key_value``; ``post_attention_layernorm -> dense_h_to_4h``; alpha 0.5
 (the paper's). No linear pairs: GELU is not homogeneous, and ``query_key_value`` interleaves q/k/v per
 head. Refused: ``apply_residual_connection_post_layernorm`` (the residual is the LayerNorm's output, so
-it would change with s) and ``pretraining_tp > 1`` with ``slow_but_exact`` (it reads the weights
-directly instead of calling the linear)."""
+it would change with s); refused for quantization too, smoothed or not: ``pretraining_tp > 1`` with
+``slow_but_exact`` (it reads the weights directly instead of calling the linear)."""
 from . import FamilySpec, SmoothGroup
 
 
@@ -11,6 +11,10 @@ def _refuse(config):
         return ("apply_residual_connection_post_layernorm=True: the residual branch is the LayerNorm's output, "
                 "so folding 1/s into the LayerNorm would change the residual stream; quantize without smoothing "
                 "(smooth=False)")
+    return None
+
+
+def _refuse_quantize(config):
     if getattr(config, "pretraining_tp", 1) > 1 and getattr(config, "slow_but_exact", False):
         return ("pretraining_tp > 1 with slow_but_exact=True slices the linears' weights directly instead of "
                 "calling them, which quantized modules cannot serve; set slow_but_exact=False")
@@ -27,5 +31,6 @@ SPEC = FamilySpec(
     ),
     default_alpha=0.5,
     refuse=_refuse,
+    refuse_quantize=_refuse_quantize,
     description="bigscience/bloom* and bloomz*",
 )

@@ -2,8 +2,11 @@
 
 ``plan_conversion`` decides for every candidate (each ``nn.Linear``, each fused experts module) either a
 ``Scheme`` or the reason it stays in floating point (include/exclude patterns, ``set_local`` rules, the
-family's keep-FP list, the kernels' 16-alignment). ``check_sources`` then refuses, before anything
-changes, every planned module that cannot be quantized (NaN/Inf weights, bad static statistics). Two
+family's keep-FP list, a linear whose own ``forward`` W8A8Linear would not reproduce or whose parent reads
+its ``.weight`` directly, the kernels' 16-alignment). A module registered under several names is one
+candidate (its first name) whose W8A8 version is installed at every name (``PlanEntry.aliases``), taking
+over the original's forward hooks. ``check_sources`` then refuses, before anything changes, every planned
+module that cannot be quantized (NaN/Inf weights, bad static statistics). Two
 ways to install the W8A8 modules:
 
 - ``convert_in_place`` (``quantize_``'s default) builds one module and swaps it in at once, so the
@@ -23,10 +26,10 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from ..config import Scheme, SmoothQuantConfig
-from ._quant import check_finite, static_scale
+from ..config import Scheme, SmoothQuantConfig, pattern_matches
+from ._quant import FLOAT_DTYPES, check_finite, static_scale
 from .experts import W8A8Experts, fused_experts_problem
-from .linear import W8A8Linear, check_linear_shape
+from .linear import W8A8Linear, check_linear_shape, linear_forward_problem
 
 
 @dataclass
@@ -36,6 +39,8 @@ class PlanEntry:
     kind: str                      # "linear" | "experts"
     scheme: Scheme | None = None   # None: stays in floating point
     reason: str | None = None      # why it stays in floating point
+    aliases: list[str] = field(default_factory=list)  # other names of the same module (installed there too)
+    warn: bool = False             # kept for a reason the user did not choose: warn_kept says so
 
 
 @dataclass
@@ -57,16 +62,42 @@ def _is_fused_experts(module) -> bool:
 
 
 def candidates(root: nn.Module, prefix: str = ""):
-    """``(name, module, kind)`` for every module W8A8 can replace, plus already-quantized ones (kind
-    ``"quantized"``)."""
-    for name, module in root.named_modules():
+    """``(name, module, kind, aliases)`` for every module W8A8 can replace, plus already-quantized ones (kind
+    ``"quantized"``). ``name`` is the module's first name; ``aliases`` its other names (a module registered
+    twice, e.g. a shared block)."""
+    names: dict[int, list[str]] = {}
+    modules: dict[int, nn.Module] = {}
+    for name, module in root.named_modules(remove_duplicate=False):
         full = f"{prefix}.{name}" if prefix and name else (prefix or name)
+        names.setdefault(id(module), []).append(full)
+        modules.setdefault(id(module), module)
+    for key, module in modules.items():
+        first, aliases = names[key][0], list(dict.fromkeys(names[key][1:]))
         if isinstance(module, (W8A8Linear, W8A8Experts)):
-            yield full, module, "quantized"
+            yield first, module, "quantized", aliases
         elif isinstance(module, nn.Linear):
-            yield full, module, "linear"
+            yield first, module, "linear", aliases
         elif _is_fused_experts(module):
-            yield full, module, "experts"
+            yield first, module, "experts", aliases
+
+
+def weight_read_directly(root: nn.Module) -> dict[int, str]:
+    """``{id(linear): why}`` for linears whose parent reads their ``.weight`` instead of calling them, so a
+    quantized module (an int8 weight) cannot serve it."""
+    out = {}
+    for module in root.modules():
+        if isinstance(module, nn.MultiheadAttention) and isinstance(module.out_proj, nn.Linear):
+            out[id(module.out_proj)] = ("nn.MultiheadAttention passes out_proj.weight to "
+                                        "F.multi_head_attention_forward instead of calling out_proj, which a "
+                                        "quantized module cannot serve")
+        if isinstance(module, nn.TransformerEncoderLayer):
+            for child in ("linear1", "linear2"):
+                if isinstance(getattr(module, child, None), nn.Linear):
+                    out[id(getattr(module, child))] = (
+                        f"nn.TransformerEncoderLayer's inference fast path passes {child}.weight to "
+                        f"torch._transformer_encoder_layer_fwd instead of calling {child}, which a quantized "
+                        f"module cannot serve")
+    return out
 
 
 def family_keep_fp(spec) -> list[tuple[str, str]]:
@@ -81,29 +112,35 @@ def plan_conversion(root: nn.Module, config: SmoothQuantConfig, stats=None, spec
     """Decide what happens to every candidate module of ``root`` (names prefixed with ``prefix``)."""
     plan = ConversionPlan()
     keep = family_keep_fp(spec)
+    direct = weight_read_directly(root)
     missing = []
-    for name, module, kind in candidates(root, prefix):
+    for name, module, kind, aliases in candidates(root, prefix):
         if kind == "quantized":
-            plan.entries.append(PlanEntry(name, module, kind, None, "already quantized"))
+            plan.entries.append(PlanEntry(name, module, kind, None, "already quantized", aliases))
             continue
-        resolved = config.resolve(name, module)
+        resolved = _resolve_all(config, [name] + aliases, module)
         if isinstance(resolved, Scheme):
             for pattern, why in keep:
-                if fnmatch.fnmatchcase(name, pattern) and not _explicitly_local(config, name, module):
+                if any(fnmatch.fnmatchcase(n, pattern) and not _explicitly_local(config, n) for n in [name] + aliases):
                     resolved = f"kept in floating point: {why}"
+        warn = False
+        if isinstance(resolved, Scheme) and kind == "linear":
+            problem = direct.get(id(module)) or linear_forward_problem(module)
+            if problem:
+                resolved, warn = f"kept in floating point: {problem}", True
         if isinstance(resolved, Scheme):
             problem = (check_linear_shape(module.in_features, module.out_features, "") if kind == "linear"
                        else fused_experts_problem(module))
             if problem:
-                resolved = problem
+                resolved, warn = problem, True
         if isinstance(resolved, Scheme) and resolved.activation == "static":
             needed = [name] + ([name + "::down_proj"] if kind == "experts" else [])
             if stats is None or any(n not in stats for n in needed):
                 missing.append(name)
         entry = PlanEntry(name, module, kind, resolved if isinstance(resolved, Scheme) else None,
-                          None if isinstance(resolved, Scheme) else resolved)
+                          None if isinstance(resolved, Scheme) else resolved, aliases, warn)
         plan.entries.append(entry)
-    listed = {e.name for e in plan.entries}
+    listed = {n for e in plan.entries for n in [e.name] + e.aliases}
     in_layers = keep[:len(spec.keep_fp)] if spec is not None else []  # not keep_fp_modules: a whole vision tower
     for name, module in root.named_modules():  # e.g. MoE routers that are not nn.Linear: still reported
         full = f"{prefix}.{name}" if prefix and name else (prefix or name)
@@ -118,10 +155,23 @@ def plan_conversion(root: nn.Module, config: SmoothQuantConfig, stats=None, spec
     return plan
 
 
-def _explicitly_local(config: SmoothQuantConfig, name: str, module) -> bool:
-    """A set_local rule with a scheme that names this module (by name pattern, not by type) overrides the
-    family's keep-FP list."""
-    return any(v != "fp" and fnmatch.fnmatchcase(name, k) for k, v in config.local.items())
+def _resolve_all(config: SmoothQuantConfig, names: list[str], module) -> Scheme | str:
+    """``config.resolve`` for a module known by every name in ``names`` (one name but for shared modules).
+    One module is converted once: names whose rules disagree are a ValueError."""
+    results = [config.resolve(n, module) for n in names]
+    first = results[0]
+    for n, r in zip(names[1:], results[1:]):
+        if isinstance(r, Scheme) != isinstance(first, Scheme) or (isinstance(r, Scheme) and r != first):
+            raise ValueError(f"{names[0]} and {n} are the same module (registered under both names), and the "
+                             f"include / exclude / set_local rules treat the names differently ({names[0]}: {first}; "
+                             f"{n}: {r}): one module is converted once, so make the rules agree for every name")
+    return first
+
+
+def _explicitly_local(config: SmoothQuantConfig, name: str) -> bool:
+    """A set_local rule with a scheme that names this module (by name pattern, with the rule of
+    ``pattern_matches``, not by class name) overrides the family's keep-FP list."""
+    return any(v != "fp" and pattern_matches(k, name) for k, v in config.local.items())
 
 
 def build_module(entry: PlanEntry, stats=None) -> nn.Module:
@@ -135,6 +185,22 @@ def build_module(entry: PlanEntry, stats=None) -> nn.Module:
         amax, down = stats.per_tensor_absmax(entry.name), stats.expert_down_absmax(entry.name)
     return W8A8Experts.from_experts(entry.module, s.weight, s.activation, input_amax=amax, down_input_amax=down,
                                     name=entry.name)
+
+
+def check_dtypes(plan: ConversionPlan, what: str) -> None:
+    """Refuse (ValueError, nothing changed) planned modules whose weights are not float16, bfloat16 or
+    float32: the W8A8 modules take inputs of those dtypes only, so a float64 model would convert and then
+    fail in its first forward."""
+    def weight(e):
+        return ("weight", e.module.weight) if e.kind == "linear" else ("gate_up_proj", e.module.gate_up_proj)
+
+    for e in plan.converted:
+        attr, w = weight(e)
+        if w.dtype not in FLOAT_DTYPES:
+            dtypes = sorted({str(weight(x)[1].dtype) for x in plan.converted})
+            raise ValueError(f"{what}: the model's weights are {', '.join(dtypes)} (e.g. {e.name}.{attr}), and W8A8 "
+                             f"modules run float16, bfloat16 or float32 inputs only; cast the model first "
+                             f"(model.float(), model.to(torch.bfloat16) or model.half())")
 
 
 def check_sources(plan: ConversionPlan, stats=None) -> None:
@@ -168,11 +234,33 @@ class PartialConversionError(RuntimeError):
         self.converted, self.remaining = converted, remaining
 
 
+_HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
+               "_forward_hooks_always_called")
+
+
+def carry_over_hooks(old: nn.Module, new: nn.Module) -> None:
+    """Give ``new`` the forward hooks and pre-hooks registered on ``old`` (with_kwargs and always_call ones
+    included). The dicts themselves move, so the handles the user holds still remove them."""
+    if any(getattr(old, attr, None) for attr in _HOOK_DICTS):
+        for attr in _HOOK_DICTS:
+            if hasattr(old, attr):
+                setattr(new, attr, getattr(old, attr))
+
+
 def _install(root: nn.Module, name: str, module: nn.Module, prefix: str) -> None:
     rel = name[len(prefix) + 1:] if prefix else name
     parent_name, _, child = rel.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
+    old = getattr(parent, child, None)
+    if isinstance(old, nn.Module) and old is not module:
+        carry_over_hooks(old, module)
     setattr(parent, child, module)
+
+
+def install_entry(root: nn.Module, entry: PlanEntry, module: nn.Module, prefix: str = "") -> None:
+    """Install ``module`` at the entry's name and at each of its aliases."""
+    for name in [entry.name] + entry.aliases:
+        _install(root, name, module, prefix)
 
 
 def _listed(names: list[str], n: int = 6) -> str:
@@ -196,7 +284,7 @@ def convert_in_place(root: nn.Module, plan: ConversionPlan, stats=None, progress
     try:
         for e in entries:
             module = build_module(e, stats)
-            _install(root, e.name, module, prefix)
+            install_entry(root, e, module, prefix)
             e.module = module  # the plan no longer holds the floating-point original
             done.append(e.name)
             if bar is not None:
@@ -223,11 +311,16 @@ def convert_in_place(root: nn.Module, plan: ConversionPlan, stats=None, progress
 
 def build_modules(plan: ConversionPlan, stats=None, progress: bool = False,
                   desc: str = "quantizing") -> dict[str, nn.Module]:
+    """``{name: W8A8 module}`` for every planned entry, its aliases mapped to the same module."""
     entries = plan.converted
     if progress:
         from tqdm.auto import tqdm
         entries = tqdm(entries, desc=desc, unit="module")
-    return {e.name: build_module(e, stats) for e in entries}
+    out = {}
+    for e in entries:
+        module = build_module(e, stats)
+        out.update({name: module for name in [e.name] + e.aliases})
+    return out
 
 
 def swap_modules(root: nn.Module, new_modules: dict[str, nn.Module], prefix: str = "") -> list[str]:
@@ -247,12 +340,12 @@ def swap_modules(root: nn.Module, new_modules: dict[str, nn.Module], prefix: str
 
 def warn_kept(plan: ConversionPlan) -> None:
     """Warn about every module left in floating point for a reason other than the user's own choice."""
-    unaligned = [e for e in plan.kept if "multiple of" in (e.reason or "") or "not supported" in (e.reason or "")]
+    unaligned = [e for e in plan.kept if e.warn]
     if unaligned:
         groups: dict[str, list[str]] = {}
         for e in unaligned:
             groups.setdefault(e.reason, []).append(e.name)
         listed = "; ".join(f"{why}: {', '.join(names[:4])}{f' and {len(names) - 4} more' if len(names) > 4 else ''}"
                            for why, names in groups.items())
-        warnings.warn(f"{len(unaligned)} module(s) stay in floating point because the INT8 kernels cannot run them "
+        warnings.warn(f"{len(unaligned)} module(s) stay in floating point because the W8A8 modules cannot serve them "
                       f"({listed})", stacklevel=3)

@@ -13,6 +13,8 @@ H and I must be multiples of 16.
 """
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch import nn
 
@@ -77,6 +79,9 @@ class W8A8Experts(KeepFloat32Buffers, nn.Module):
             raise ValueError(f"W8A8Experts: weight must be one of {WEIGHT_GRANULARITIES}, got {weight!r}")
         if activation not in ACTIVATION_SCHEMES:
             raise ValueError(f"W8A8Experts: activation must be one of {ACTIVATION_SCHEMES}, got {activation!r}")
+        for n, v in (("num_experts", num_experts), ("hidden_dim", hidden_dim), ("intermediate_dim", intermediate_dim)):
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
+                raise ValueError(f"W8A8Experts: {n} must be a positive integer, got {v!r}")
         for n, v in (("hidden_dim", hidden_dim), ("intermediate_dim", intermediate_dim)):
             if v % ALIGN:
                 raise ValueError(f"W8A8Experts: {n}={v} is not a multiple of {ALIGN}")
@@ -96,8 +101,9 @@ class W8A8Experts(KeepFloat32Buffers, nn.Module):
     @classmethod
     def from_experts(cls, experts: nn.Module, weight: str = "per_channel", activation: str = "per_token",
                      input_amax=None, down_input_amax=None, name: str = "experts") -> "W8A8Experts":
-        """Quantize a fused experts module (left unchanged). Static activations need ``input_amax``
-        (scalar, the MoE input) and ``down_input_amax [E]`` (each expert's ``down_proj`` input)."""
+        """Quantize a fused experts module (left unchanged; the new module takes its training mode). Static
+        activations need ``input_amax`` (scalar, the MoE input) and ``down_input_amax [E]`` (each expert's
+        ``down_proj`` input)."""
         problem = fused_experts_problem(experts)
         if problem:
             raise ValueError(f"{name}: {problem}")
@@ -105,6 +111,7 @@ class W8A8Experts(KeepFloat32Buffers, nn.Module):
         if activation == "static" and (input_amax is None or down_input_amax is None):
             raise ValueError(f"{name}: activation='static' needs input_amax and down_input_amax from calibration")
         module = cls(e, h, two_i // 2, experts.act_fn, weight, activation, device=experts.gate_up_proj.device)
+        module.train(experts.training)
         for attr in ("gate_up_proj", "down_proj"):
             w_q, w_scale = quantize_weight(getattr(experts, attr), weight, f"{name}.{attr}")
             getattr(module, attr).copy_(w_q)

@@ -95,7 +95,7 @@ def test_non_finite_weights_change_nothing(family, target, what, atomic):
     assert all(torch.allclose(before[k], after[k], rtol=0, atol=0, equal_nan=True) for k in before)
 
 
-def test_failure_half_way_says_what_was_converted_and_resumes(monkeypatch):
+def test_failure_half_way_says_what_was_converted_and_resumes(monkeypatch, tmp_path):
     model = make_model("llama")
     reference = copy.deepcopy(model)
     sq.quantize_(reference, _cfg())
@@ -113,9 +113,13 @@ def test_failure_half_way_says_what_was_converted_and_resumes(monkeypatch):
     assert torch.isfinite(_logits(model, x)).all()  # a mixed model runs
     with pytest.raises(RuntimeError, match="save_quantized"):  # it holds int8 weights: HF saving is guarded
         model.save_pretrained("unused")
+    with pytest.raises(ValueError, match=r"only partly converted .*10 module\(s\) left.*quantize_ again"):
+        sq.save_quantized(model, tmp_path / "partial", progress=False)  # nor can it be saved as if it were whole
+    assert not (tmp_path / "partial" / "sq_quantization.json").exists()
     monkeypatch.undo()
     report = sq.quantize_(model, _cfg())  # finishes the job
     assert len(report.converted) == 10
+    sq.save_quantized(model, tmp_path / "whole", progress=False)
     assert all(report.kept[n] == "already quantized" for n in err.converted)
     assert torch.equal(_logits(model, x), _logits(reference, x))
 

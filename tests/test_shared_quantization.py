@@ -11,7 +11,7 @@ import torch
 
 import sq_kernels as sq
 from sq_kernels.nn import _quant
-from sq_kernels.nn._quant import shared_activation_quantization
+from sq_kernels.nn import shared_activation_quantization
 
 from conftest import calib_tokens, make_model
 

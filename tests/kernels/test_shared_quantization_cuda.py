@@ -11,7 +11,7 @@ import torch
 
 import sq_kernels
 import sq_kernels as sq
-from sq_kernels.nn._quant import shared_activation_quantization
+from sq_kernels.nn import shared_activation_quantization
 
 pytestmark = pytest.mark.skipif(
     not (torch.cuda.is_available() and sq_kernels.has_cuda_kernels()),

@@ -393,6 +393,8 @@ def read_quantization_config(path) -> dict:
                                       f"with sq_kernels.export.load_compressed_tensors (sq-kernels eval reads both)")
             raise CheckpointError(f"{path} is a Hugging Face checkpoint without {QUANT_FILE}: not an sq_kernels "
                                   f"quantized model (or its save did not finish). Quantize it with smoothquant().")
+        if not path.exists():
+            raise CheckpointError(f"{path}: no such directory")
         raise CheckpointError(f"{path} is not a checkpoint directory (no {QUANT_FILE})")
     try:
         meta = json.loads(qfile.read_text(encoding="utf-8"))

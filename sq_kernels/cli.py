@@ -52,6 +52,78 @@ def _check_writable_file(path: str | None, flag: str, overwrite: bool = False) -
         raise ValueError(f"{flag} {path} already exists; choose a new name or pass --overwrite to replace it")
 
 
+def _inside(path: Path, directory: Path) -> bool:
+    return path == directory or directory in path.parents
+
+
+def _check_outputs(args, outputs: list[tuple[str, str | None]], model_dirs: list[tuple[str, str | None]],
+                   inputs: list[tuple[str, str | None]]) -> None:
+    """No output file may land in a model directory the command reads, replace an input file, or share its
+    path with another output, --overwrite or not: each would silently destroy what the user gave."""
+    given = [(flag, Path(p).resolve()) for flag, p in outputs if p is not None]
+    for flag, out in given:
+        for dflag, d in model_dirs:
+            if d is not None and _inside(out, Path(d).resolve()):
+                raise ValueError(f"{flag} {out} is inside {dflag} {d}: outputs never go into a model directory this "
+                                 f"command reads; choose another place")
+        for iflag, f in inputs:
+            if f is not None and out == Path(f).resolve():
+                raise ValueError(f"{flag} {out} is the {iflag} file: it would be overwritten; choose another name")
+    for i, (flag, out) in enumerate(given):
+        for other, out2 in given[i + 1:]:
+            if out == out2:
+                raise ValueError(f"{flag} and {other} name the same file {out}: one would overwrite the other")
+
+
+def _check_data_file(path: str | None, flag: str) -> None:
+    """A text data file that exists, is not empty and starts as UTF-8 text: checked before a model is loaded
+    (the whole file is read later; a broken file should not cost the minutes a large model takes to load)."""
+    if path is None:
+        return
+    p = Path(path)
+    if not p.exists():
+        raise ValueError(f"{flag} {path}: no such file")
+    if not p.is_file():
+        raise ValueError(f"{flag} {path} is not a file")
+    with open(p, "rb") as f:
+        head = f.read(1 << 20)
+    if not head.strip():
+        raise ValueError(f"{flag} {path} holds no text" + (" (it is empty)" if not head else ""))
+    try:
+        head.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        if exc.start < len(head) - 4:  # not just a character cut at the end of the block read
+            raise ValueError(f"{flag} {path} is not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+
+
+def _model_kind(path: str | None) -> str | None:
+    """'sq' (an sq_kernels checkpoint), 'ct' (compressed-tensors) or None (another directory)."""
+    from .checkpoint import is_quantized_checkpoint, quantization_method
+    if path is None:
+        return None
+    if is_quantized_checkpoint(path):
+        return "sq"
+    return "ct" if quantization_method(path) == "compressed-tensors" else None
+
+
+def _check_model_dir(path: str | None, flag: str) -> None:
+    if path is not None and not Path(path, "config.json").is_file():
+        raise ValueError(f"{flag} {path} is not a local Hugging Face model directory (no config.json)")
+
+
+def _check_floating_point_model(path: str, flag: str, what: str) -> None:
+    _check_model_dir(path, flag)
+    kind = _model_kind(path)
+    if kind is not None:
+        form = "an sq_kernels quantized checkpoint" if kind == "sq" else "a compressed-tensors quantized checkpoint"
+        raise ValueError(f"{flag} {path} is {form}; {what} needs the floating-point model")
+
+
+def _check_tokenizer_dir(path: str | None) -> None:
+    if path is not None and not Path(path).is_dir():
+        raise ValueError(f"--tokenizer {path}: no such directory")
+
+
 def _check_plot_file(path: str | None, flag: str, overwrite: bool = False) -> None:
     """A plot to write: a new file (see _check_writable_file) with a suffix matplotlib writes, and matplotlib
     importable, all checked before the long work the plot comes after."""
@@ -77,19 +149,25 @@ def _load_model(path: str, device: str, dtype: str):
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
     if not Path(path, "config.json").is_file():
         raise ValueError(f"{path} is not a local Hugging Face model directory (no config.json)")
-    kwargs = {} if dtype == "auto" else {"dtype": _dtype(dtype)}
+    kwargs = {"output_loading_info": True} if dtype == "auto" else {"dtype": _dtype(dtype), "output_loading_info": True}
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **kwargs)
+        model, info = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **kwargs)
     except ValueError as exc:  # raised before any weight is read: not a causal LM class
         if "Unrecognized configuration class" not in str(exc):
             raise
-        model = AutoModelForImageTextToText.from_pretrained(path, local_files_only=True, **kwargs)  # LLaVA, ...
+        model, info = AutoModelForImageTextToText.from_pretrained(path, local_files_only=True, **kwargs)  # LLaVA, ...
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:  # transformers initialised them at random: calibrating or evaluating that is meaningless
+        raise ValueError(f"{path}: {len(missing)} weight(s) of {type(model).__name__} are missing from the checkpoint "
+                         f"(e.g. {', '.join(missing[:3])}): these are not the weights for this config.json")
     return model.to(device).eval()
 
 
 def _load_tokenizer(path: str | None, required: bool = True):
     if path is None:
         return None
+    if required and not Path(path).is_dir():
+        raise ValueError(f"{path}: no such directory, so no tokenizer could be loaded from it")
     from transformers import AutoTokenizer
     try:
         return AutoTokenizer.from_pretrained(path, local_files_only=True)
@@ -106,7 +184,7 @@ def _config_from_args(args):
     if args.alpha is not None:
         alpha = "auto" if args.alpha == "auto" else _float(args.alpha, "--alpha")
     config = SmoothQuantConfig(alpha=alpha, scheme=args.scheme, weight=args.weight, activation=args.activation,
-                               exclude=tuple(e for e in args.exclude if not (args.quantize_lm_head and e == "lm_head")),
+                               exclude=tuple(args.exclude or []) + (() if args.quantize_lm_head else ("lm_head",)),
                                smooth=not args.no_smooth,
                                fold_linear_pairs=args.fold_linear_pairs, num_samples=args.num_samples,
                                seq_len=args.seq_len, batch_size=args.batch_size,
@@ -166,6 +244,20 @@ def _check_quantize_args(args, config) -> None:
             raise ValueError(f"the output directory {args.out} is not an earlier quantized checkpoint (it has no "
                              f"{QUANT_FILE}); --overwrite only replaces one: choose a new or empty directory (an "
                              f"interrupted earlier save leaves no {QUANT_FILE}: delete that directory yourself)")
+    _check_floating_point_model(args.model, "MODEL", "quantize")
+    _check_outputs(args, [("--save-stats", args.save_stats), ("--plot", args.plot)],
+                   [("MODEL", args.model), ("--tokenizer", args.tokenizer), ("OUT", args.out)],
+                   [("--data", args.data), ("--stats", args.stats)])
+    _check_tokenizer_dir(args.tokenizer)
+    if args.no_smooth and (args.alpha is not None or args.fold_linear_pairs or args.family):
+        given = [f for f, v in (("--alpha", args.alpha is not None), ("--fold-linear-pairs", args.fold_linear_pairs),
+                                ("--family", args.family)) if v]
+        raise ValueError(f"{', '.join(given)} set{'s' if len(given) == 1 else ''} how to smooth, and --no-smooth "
+                         f"smooths nothing: drop one of them")
+    if args.quantize_lm_head and "lm_head" in (args.exclude or []):
+        raise ValueError("--quantize-lm-head and --exclude lm_head contradict each other: drop one of them")
+    if args.text_field is not None and not args.text_field.strip():
+        raise ValueError("--text-field must name a JSON key, got an empty string")
     if args.data is None and args.stats is None:
         raise ValueError("--data is required (calibration text: a local .txt or .jsonl file), unless --stats gives "
                          "statistics collected before")
@@ -176,6 +268,11 @@ def _check_quantize_args(args, config) -> None:
         raise ValueError("--alpha auto evaluates each candidate alpha on calibration data: pass --data as well")
     if args.stats and not Path(args.stats).is_file():
         raise ValueError(f"--stats {args.stats}: no such file")
+    if args.stats and config.alpha != "auto" and (args.data is not None or args.text_field is not None):
+        given = " and ".join(f for f, v in (("--data", args.data), ("--text-field", args.text_field)) if v is not None)
+        warnings.warn(f"{given} not used: with --stats, calibration data only feeds --alpha auto")
+    elif args.data is not None:
+        _check_data_file(args.data, "--data")
     _check_writable_file(args.save_stats, "--save-stats", args.overwrite)
     if args.plot and args.no_smooth:
         raise ValueError("--plot shows what smoothing did, and --no-smooth smooths nothing: drop one of them")
@@ -183,13 +280,20 @@ def _check_quantize_args(args, config) -> None:
 
 
 def cmd_calibrate(args) -> int:
-    from .calibration import collect_act_stats
+    from .calibration import check_positive_int, collect_act_stats
     _check_device(args.device)
     _check_device(args.calib_device, "--calib-device")
+    for flag in ("num_samples", "seq_len", "batch_size"):
+        check_positive_int(flag, getattr(args, flag))
+    _check_floating_point_model(args.model, "MODEL", "calibration")
+    _check_outputs(args, [("--out", args.out)], [("MODEL", args.model), ("--tokenizer", args.tokenizer)],
+                   [("--data", args.data)])
     _check_writable_file(args.out, "--out", args.overwrite)
+    _check_data_file(args.data, "--data")
+    _check_tokenizer_dir(args.tokenizer)
     data = _texts_or_path(args.data, args.text_field, "--data")
-    model = _load_model(args.model, args.device, args.dtype)
     tokenizer = _load_tokenizer(args.tokenizer or args.model, required=_is_text_file(args.data))
+    model = _load_model(args.model, args.device, args.dtype)
     stats = collect_act_stats(model, data, tokenizer, num_samples=args.num_samples, seq_len=args.seq_len,
                               batch_size=args.batch_size, progress=not args.no_progress, device=args.calib_device)
     stats.save(args.out)
@@ -209,8 +313,9 @@ def cmd_quantize(args) -> int:
     stats = ActStats.load(args.stats) if args.stats else None
     use_data = stats is None or config.alpha == "auto"  # with --stats, --data only feeds alpha=auto
     data = _texts_or_path(args.data, args.text_field, "--data") if use_data else None
+    tokenizer = _load_tokenizer(args.tokenizer or args.model,
+                                required=args.tokenizer is not None or (use_data and _is_text_file(args.data)))
     model = _load_model(args.model, args.device, args.dtype)
-    tokenizer = _load_tokenizer(args.tokenizer or args.model, required=use_data and _is_text_file(args.data))
     if stats is None and args.save_stats:
         from .calibration import collect_act_stats
         stats = collect_act_stats(model, data, tokenizer, num_samples=config.num_samples, seq_len=config.seq_len,
@@ -257,13 +362,25 @@ def cmd_eval(args) -> int:
     if args.text_field and not any(p and is_json_file(p) for p in (args.ppl, args.lambada, args.sqnr_data)):
         raise ValueError(f"--text-field {args.text_field} applies to .jsonl / .json files, and none of --ppl, "
                          "--lambada, --sqnr-data is one")
+    if args.reference:
+        _check_floating_point_model(args.reference, "--reference", "the comparison")
+    _check_model_dir(args.model, "MODEL")
+    if args.sqnr_data and _model_kind(args.model) is None:
+        raise ValueError(f"MODEL {args.model} is not a quantized checkpoint: the per-layer SQNR (--sqnr-data) compares "
+                         f"a quantized model with its floating-point --reference")
+    _check_outputs(args, [("--json", args.json), ("--plot", args.plot)],
+                   [("MODEL", args.model), ("--reference", args.reference), ("--tokenizer", args.tokenizer)],
+                   [("--ppl", args.ppl), ("--lambada", args.lambada), ("--sqnr-data", args.sqnr_data)])
+    for flag, path in (("--ppl", args.ppl), ("--lambada", args.lambada), ("--sqnr-data", args.sqnr_data)):
+        _check_data_file(path, flag)
+    _check_tokenizer_dir(args.tokenizer)
 
     def read(path, flag):
         return _texts_or_path(path, args.text_field if path and is_json_file(path) else None, flag)
     ppl, lambada, sqnr_data = read(args.ppl, "--ppl"), read(args.lambada, "--lambada"), read(args.sqnr_data,
                                                                                                "--sqnr-data")
-    model = _load_model(args.model, args.device, args.dtype)
     tokenizer = _load_tokenizer(args.tokenizer or args.model, required=True)
+    model = _load_model(args.model, args.device, args.dtype)
     reference = _load_model(args.reference, args.device, args.dtype) if args.reference else None
     progress = not args.no_progress
     results: dict = {"model": args.model}
@@ -298,6 +415,9 @@ def cmd_export(args) -> int:
     from .checkpoint import load_quantized, parse_size
     from .export import export_compressed_tensors
     out = Path(args.out)
+    if _inside(out.resolve(), Path(args.checkpoint).resolve()):
+        raise ValueError(f"the output {args.out} is (inside) the checkpoint {args.checkpoint}: the export must go to a "
+                         f"directory of its own")
     if out.is_file() or (out.is_dir() and any(out.iterdir())):
         raise ValueError(f"the output {args.out} is a file or a directory that is not empty; choose a new directory")
     limit = parse_size(args.max_shard_size, "--max-shard-size")
@@ -312,6 +432,9 @@ def cmd_export(args) -> int:
 def cmd_info(args) -> int:
     from .checkpoint import read_quantization_config, weights_files
     meta = read_quantization_config(args.checkpoint)
+    if args.verify and args.json:  # the JSON is printed only for a checkpoint that passed
+        from .checkpoint import load_quantized
+        load_quantized(args.checkpoint)
     if args.json:  # machine-readable only, so that it can be piped (sq-kernels info DIR --json | jq ...)
         print(json.dumps(meta, indent=2))
         return 0
@@ -543,7 +666,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--activation", choices=("per_token", "per_tensor", "static"), help="override the activation scheme")
     p.add_argument("--include", action="append", default=[],
                    help="only quantize modules whose name matches this fnmatch pattern (repeatable)")
-    p.add_argument("--exclude", action="append", default=["lm_head"],
+    p.add_argument("--exclude", action="append", default=[],
                    help="keep modules matching this fnmatch pattern in floating point (repeatable; lm_head always "
                         "is, unless --quantize-lm-head)")
     p.add_argument("--quantize-lm-head", action="store_true",
@@ -598,7 +721,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the results to this JSON file")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     runtime(p)
-    p.set_defaults(func=cmd_bench, include=[], exclude=["lm_head"], fp=[], no_smooth=False, fold_linear_pairs=False,
+    p.set_defaults(func=cmd_bench, include=[], exclude=[], fp=[], no_smooth=False, fold_linear_pairs=False,
                    calib_device=None, family=None, quantize_lm_head=False,
                    num_samples=4, seq_len=128, batch_size=1)
 
@@ -623,10 +746,18 @@ _API_TO_CLI = (("(smooth=False)", "(--no-smooth)"), ("pass tokenizer=", "pass --
                                                       "--text-field"))
 
 
+# argument names of SmoothQuantConfig / collect_act_stats that are flags here
+_ARG_TO_FLAG = {"num_samples": "--num-samples", "seq_len": "--seq-len", "batch_size": "--batch-size"}
+
+
 def _cli_words(message: str) -> str:
     import re
     for api, cli in _API_TO_CLI:
         message = message.replace(api, cli)
+    message = re.sub(r"\b(num_samples|seq_len|batch_size)( must\b)", lambda m: _ARG_TO_FLAG[m.group(1)] + m.group(2),
+                     message)
+    message = re.sub(r"^alpha must\b", "--alpha must", message)
+    message = message.replace("Quantize it with smoothquant().", "Quantize it with sq-kernels quantize.")
     return re.sub(r"set_local\('([^']*)', 'fp'\)", r"--fp '\1'", message)
 
 

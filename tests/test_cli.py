@@ -213,8 +213,9 @@ def test_output_files_are_never_replaced_without_overwrite(model_dir, data_files
     txt, _ = data_files
     original = txt.read_text()
     args = ["--data", str(txt), "--num-samples", "2", "--seq-len", "32", "--no-progress"]
-    assert main(["calibrate", str(model_dir), *args, "--out", str(txt)]) == 2  # a mistyped --out: the data file
-    assert "already exists" in capsys.readouterr().err and txt.read_text() == original
+    for overwrite in ([], ["--overwrite"]):  # a mistyped --out: the data file, replaced by nothing
+        assert main(["calibrate", str(model_dir), *args, "--out", str(txt), *overwrite]) == 2
+        assert "is the --data file: it would be overwritten" in capsys.readouterr().err and txt.read_text() == original
     stats = tmp_path / "s.safetensors"
     assert main(["calibrate", str(model_dir), *args, "--out", str(stats)]) == 0
     assert main(["calibrate", str(model_dir), *args, "--out", str(stats), "--overwrite"]) == 0

@@ -554,6 +554,9 @@ def cmd_bench(args) -> int:
     for name in ("layers", "batch", "prompt", "iters"):
         check_positive_int(name, getattr(args, name))
     check_positive_int("warmup", args.warmup, minimum=0)
+    quant_config = _config_from_args(args)  # a bad --alpha fails now, not after a 7B model was built
+    if args.prompt > 4096:
+        raise ValueError(f"--prompt {args.prompt} exceeds the 4096 positions the benchmark models are built with")
     device, dtype = torch.device(args.device), _dtype(args.dtype) or torch.float16
     if device.type == "cpu":
         print("note: on the CPU both models run PyTorch code (the W8A8 one through the reference ops, which "
@@ -566,7 +569,7 @@ def cmd_bench(args) -> int:
         fp = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
     q = copy.deepcopy(fp)
     calib = torch.randint(0, config.vocab_size, (4, 128), device=device)
-    report = smoothquant(q, calib, _config_from_args(args))
+    report = smoothquant(q, calib, quant_config)
     rows, notes = [], []
     graphs = device.type == "cuda" and not args.eager
     from tqdm.auto import tqdm
@@ -769,6 +772,9 @@ def main(argv: list[str] | None = None) -> int:
     # warnings are messages to the user here (too little data, a pattern that matches nothing), not to a
     # developer: one line each, without the source location
     warnings.formatwarning = lambda message, category, *a, **k: f"sq-kernels {args.command}: warning: {message}\n"
+    if getattr(args, "no_progress", False):  # transformers' own bars too ("Loading weights")
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, OSError) as exc:

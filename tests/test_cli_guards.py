@@ -188,3 +188,13 @@ def test_stats_with_data_warns_that_data_is_unused_and_an_explicit_tokenizer_is_
     assert "--tokenizer" in _err(capsys) and not (tmp_path / "b").exists()
     assert main(["quantize", str(model_dir), str(tmp_path / "c"), "--stats", str(stats), "--no-progress"]) == 0
     assert (tmp_path / "c" / "tokenizer.json").is_file()  # the model's own tokenizer travels with the checkpoint
+
+
+@pytest.mark.parametrize("extra,message", [(["--alpha", "2"], "--alpha must lie in"),
+                                           (["--prompt", "5000"], "--prompt 5000 exceeds the 4096 positions")])
+def test_bench_checks_before_building_the_model(capsys, monkeypatch, extra, message):
+    import transformers
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_config",
+                        lambda *a, **k: (_ for _ in ()).throw(AssertionError("built before the checks")))
+    assert main(["bench", "--arch", "tiny-llama", "--device", "cpu", *extra]) == 2
+    assert message in _err(capsys)

@@ -7,23 +7,31 @@ O(features) per module, not O(tokens). The statistics are what smoothing needs (
 the static scheme needs: a per-tensor maximum is the maximum of the per-channel ones, and after
 smoothing ``max|X_j / s_j|`` follows from them exactly (``ActStats.scaled``).
 
-Data: a tensor of token ids (``[T]`` cut into ``seq_len`` chunks, or ``[B, T]`` rows), a tokenizer's
-output (``{"input_ids": ...}``, e.g. a ``BatchEncoding``: one text is cut into ``seq_len`` chunks like
-``[T]``, several are rows; padding is dropped using its ``attention_mask``), a list of token tensors /
-id lists / such dicts / strings / records ``{"text": str}`` (text needs a tokenizer), any other iterable of
-those (a generator, a ``datasets.Dataset``: read only up to ``num_samples``), or the path of a local ``.txt`` file
-(tokenized and cut into ``seq_len`` chunks), ``.jsonl`` file (one sample per line, a string or an object
-with a string field ``"text"``) or ``.json`` file (an array of such values). Samples are taken in order
-(deterministic); samples of equal length are batched, nothing is padded. When a text file or a 1-D token
-stream gives fewer than ``num_samples`` full ``seq_len`` samples, or a JSON(L) file fewer than
-``num_samples`` texts, a ``UserWarning`` says how much was obtained (``ActStats.meta`` records
-``num_samples`` and ``num_tokens``).
+Data: a tensor or numpy array of token ids (``[T]`` cut into ``seq_len`` chunks, or ``[B, T]`` rows), a
+tokenizer's output (``{"input_ids": ...}``, e.g. a ``BatchEncoding``: one text is cut into ``seq_len`` chunks
+like ``[T]``, several are rows; padding is dropped using its ``attention_mask``), a list of token tensors /
+arrays (a ``[B, T]`` one gives ``B`` samples) / id lists / such dicts / strings / records ``{"text": str}``
+(text needs a tokenizer), any other iterable of those (a generator, a ``datasets.Dataset``: read only up to
+``num_samples``), or the path of a local ``.txt`` file (tokenized and cut into ``seq_len`` chunks; only its
+start is read, in pieces cut at newlines, until ``num_samples * seq_len`` tokens), ``.jsonl`` file (one sample
+per line, a string or an object with a string field ``"text"``) or ``.json`` file (an array of such values);
+files are UTF-8, a byte-order mark is dropped. Every form obeys ``num_samples`` / ``seq_len`` / ``batch_size``.
+Empty and whitespace-only texts are skipped; a file with no other text, bool / float ids and empty token
+tensors are a ValueError. Samples are taken in order (deterministic); samples of equal length are batched,
+nothing is padded. When a text file or a 1-D token stream gives fewer than ``num_samples`` full ``seq_len``
+samples, or a JSON(L) file fewer than ``num_samples`` texts, a ``UserWarning`` says how much was obtained
+(``ActStats.meta`` records ``num_samples`` and ``num_tokens``).
 """
 from __future__ import annotations
 
+import codecs
+import io
+import itertools
 import json
+import numbers
 import operator
 import os
+import re
 import sys
 import warnings
 from collections.abc import Mapping
@@ -209,19 +217,48 @@ def _is_hf_tokenizer(tokenizer) -> bool:
     return base is not None and isinstance(tokenizer, base)
 
 
-def _encode(tokenizer, text: str) -> torch.Tensor:
+def _encode(tokenizer, text: str, special_tokens: bool = True) -> torch.Tensor:
+    """Token ids of ``text``; ``special_tokens=False`` asks an HF tokenizer not to add BOS / EOS (a piece of a
+    text file after the first)."""
     if tokenizer is None:
         raise ValueError("data holds text but no tokenizer was given (pass tokenizer=, an HF tokenizer or any "
                          "callable str -> token ids)")
     if _is_hf_tokenizer(tokenizer):
         # verbose=False: a whole text file is longer than model_max_length by design (it is cut into seq_len
         # chunks afterwards); the ids are the same, only transformers' "indexing errors" warning is skipped.
-        out = tokenizer(text, verbose=False)
+        out = tokenizer(text, verbose=False) if special_tokens else \
+            tokenizer(text, verbose=False, add_special_tokens=False)
     else:
         out = tokenizer(text)
     if isinstance(out, Mapping) or hasattr(out, "keys"):
         out = out["input_ids"]
     ids = torch.as_tensor(out, dtype=torch.long).reshape(-1)
+    return ids
+
+
+def _is_numpy_array(obj) -> bool:
+    numpy = sys.modules.get("numpy")  # never imported here: an array can only exist if numpy is loaded
+    return numpy is not None and isinstance(obj, numpy.ndarray)
+
+
+def _is_id_list(obj) -> bool:
+    """A list / tuple of integers (Python or numpy; not bools): one sample's token ids."""
+    return isinstance(obj, (list, tuple)) and all(isinstance(v, numbers.Integral) and not isinstance(v, bool)
+                                                  for v in obj)
+
+
+def _token_tensor(obj, what: str) -> torch.Tensor:
+    """``obj`` (a tensor, a numpy array or a list of ints) as an integer tensor of token ids, or a ValueError
+    naming ``what`` (bool, float and complex values are not token ids)."""
+    if isinstance(obj, (list, tuple)) and not obj:
+        return torch.zeros(0, dtype=torch.long)  # torch.as_tensor([]) would be float32
+    try:
+        ids = torch.as_tensor(obj)
+    except (TypeError, ValueError, RuntimeError):
+        dtype = f" of dtype {obj.dtype}" if hasattr(obj, "dtype") else ""
+        raise ValueError(f"{what}: expected integer token ids, got a {type(obj).__name__}{dtype}") from None
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise ValueError(f"{what}: token ids must be integers, got {ids.dtype}")
     return ids
 
 
@@ -233,13 +270,96 @@ def _record_text(record, field: str):
     return None
 
 
+TEXT_BLOCK_BYTES = 1 << 18  # a text file is read in blocks of this many bytes
+
+
+def _text_blocks(path, block_bytes: int | None = None):
+    """The text of a local file, in blocks read one at a time: UTF-8, a leading byte-order mark dropped (as
+    ``utf-8-sig`` reads it), newlines translated as ``Path.read_text`` does ("\\r\\n" and "\\r" to "\\n"). A file
+    that is not UTF-8 text is a ValueError naming it and the first byte that cannot be decoded."""
+    block_bytes = block_bytes or TEXT_BLOCK_BYTES
+    utf8 = codecs.getincrementaldecoder("utf-8")()
+    decoder = io.IncrementalNewlineDecoder(utf8, translate=True)
+    offset = 0  # bytes of the file before ``raw``
+    with open(path, "rb") as f:
+        raw = f.read(max(block_bytes, len(codecs.BOM_UTF8)))
+        if raw.startswith(codecs.BOM_UTF8):
+            raw, offset = raw[len(codecs.BOM_UTF8):] or f.read(block_bytes), len(codecs.BOM_UTF8)
+        while True:
+            pending = len(utf8.getstate()[0])  # bytes of a character split by the previous block
+            try:
+                text = decoder.decode(raw, final=not raw)
+            except UnicodeDecodeError as exc:
+                raise ValueError(f"{path} is not UTF-8 text (byte {offset - pending + exc.start} cannot be "
+                                 f"decoded): give a UTF-8 .txt, .jsonl or .json file") from None
+            if text:
+                yield text
+            if not raw:
+                return
+            offset += len(raw)
+            raw = f.read(block_bytes)
+
+
 def read_text_file(path) -> str:
-    """A local text file's content; a file that is not UTF-8 text is a ValueError naming it."""
+    """A local text file's content (UTF-8; a leading byte-order mark is dropped); a file that is not UTF-8
+    text is a ValueError naming it."""
+    return "".join(_text_blocks(path))
+
+
+# A .txt file is tokenized in pieces until num_samples * seq_len tokens are collected: the first piece holds at
+# least FIRST_PIECE_CHARS characters (and TOKEN_CHARS per token needed), later ones are sized from the characters
+# per token seen so far; none more than MAX_PIECE_CHARS (the tokenizer's memory). A file shorter than the first
+# piece is tokenized whole, as one text.
+FIRST_PIECE_CHARS = 1 << 16
+TOKEN_CHARS = 8
+MAX_PIECE_CHARS = 1 << 22
+_LAST_SPACE = re.compile(r"\s(?=\S*\Z)")
+
+
+def _cut(text: str, size: int) -> int:
+    """Where to end a piece taken from the start of ``text`` (longer than ``size``): after the last newline
+    of its first ``size`` characters, else after their last whitespace, else at ``size`` (no whitespace)."""
+    end = text.rfind("\n", 0, size) + 1
+    if end:
+        return end
+    space = _LAST_SPACE.search(text, 0, size)
+    return space.end() if space else size
+
+
+def _text_file_tokens(path: Path, tokenizer, needed: int) -> torch.Tensor:
+    """The token ids of the start of text file ``path``, at least ``needed`` of them (or the whole file).
+
+    The file is read and tokenized in pieces cut after a newline (or other whitespace), so that a multi-GB
+    file costs only the text the samples need. The first piece is tokenized as a whole text (with the
+    tokenizer's BOS, if it adds one), later pieces without special tokens; a file that fits in the first
+    piece gives exactly the ids of tokenizing it whole. A file without non-whitespace text is a ValueError."""
+    blocks = _text_blocks(path)
+    pieces: list[torch.Tensor] = []
+    size = min(MAX_PIECE_CHARS, max(FIRST_PIECE_CHARS, TOKEN_CHARS * needed))
+    pending, chars, tokens, has_text = "", 0, 0, False
     try:
-        return Path(path).read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"{path} is not UTF-8 text (byte {exc.start} cannot be decoded): give a UTF-8 .txt, "
-                         f".jsonl or .json file") from None
+        block = next(blocks, None)
+        while block is not None:
+            pending += block
+            block = next(blocks, None)  # read ahead: the last block's text is tokenized whole, never cut
+            while pending and (block is None or len(pending) >= size) and tokens < needed:
+                end = len(pending) if block is None else _cut(pending, size)
+                piece, pending = pending[:end], pending[end:]
+                has_text = has_text or not piece.isspace()
+                ids = _encode(tokenizer, piece, special_tokens=not pieces)
+                pieces.append(ids)
+                chars, tokens = chars + len(piece), tokens + ids.numel()
+                per_token = chars / max(tokens, 1)  # sizes the next piece to what is still needed
+                size = min(MAX_PIECE_CHARS, max(FIRST_PIECE_CHARS, int(1.25 * per_token * (needed - tokens))))
+            if tokens >= needed:
+                break
+        if not has_text:  # enough tokens of whitespace: is there text further on?
+            has_text = any(b and not b.isspace() for b in itertools.chain([pending, block or ""], blocks))
+    finally:
+        blocks.close()
+    if not has_text:
+        raise ValueError(f"data: {str(path)!r} holds no text (the file is empty or holds only whitespace)")
+    return torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long)
 
 
 def _read_jsonl(path: Path, field: str = "text") -> list[str]:
@@ -372,14 +492,22 @@ def _is_record_iterable(data) -> bool:
     return (hasattr(data, "__iter__") and not isinstance(data, (str, bytes, os.PathLike, Mapping, torch.Tensor)))
 
 
+def _is_blank(text: str) -> bool:
+    """An empty or whitespace-only text: no calibration text (skipped like an empty one)."""
+    return not text or text.isspace()
+
+
 def calibration_samples(data, tokenizer=None, num_samples: int = 128, seq_len: int = 512) -> list[torch.Tensor]:
     """Normalise ``data`` (see the module docstring) into at most ``num_samples`` 1-D LongTensors of at
     most ``seq_len`` tokens each. Warns (``UserWarning``) when a text file or a 1-D token stream gives fewer
-    than ``num_samples`` samples of ``seq_len`` tokens, or a JSON(L) file fewer than ``num_samples`` texts."""
+    than ``num_samples`` samples of ``seq_len`` tokens, or a JSON(L) file fewer than ``num_samples`` texts.
+    Empty and whitespace-only texts are skipped; a file without any other text, and an empty token tensor,
+    are a ValueError."""
     num_samples = check_positive_int("num_samples", num_samples)
     seq_len = check_positive_int("seq_len", seq_len)
     source = None  # set for data whose sample count the user does not choose directly (files, streams)
     per_text = False
+    path = None
     if isinstance(data, (str, os.PathLike)):
         path = Path(data)
         if not path.is_file():
@@ -388,12 +516,18 @@ def calibration_samples(data, tokenizer=None, num_samples: int = 128, seq_len: i
         source = f"from {str(path)!r}"
         if is_json_file(path):
             data, per_text = read_texts(path), True
+            if all(_is_blank(text) for text in data):
+                held = (f"its {len(data)} text{'s are' if len(data) != 1 else ' is'} empty or whitespace only"
+                        if data else "no records")
+                raise ValueError(f"data: {str(path)!r} holds no text ({held})")
         else:
-            samples = _chunks(_encode(tokenizer, read_text_file(path)), seq_len, num_samples)
+            samples = _chunks(_text_file_tokens(path, tokenizer, num_samples * seq_len), seq_len, num_samples)
             if not samples:
-                raise ValueError(f"data: {str(path)!r} holds no tokens")
+                raise ValueError(f"data: {str(path)!r} holds no tokens (the tokenizer gave none for its text)")
             _warn_little_data(samples, num_samples, seq_len, source)
             return samples
+    if _is_numpy_array(data):
+        data = _token_tensor(data, "data")
     if isinstance(data, Mapping):  # a tokenizer's output (BatchEncoding is a Mapping)
         if "input_ids" not in data:
             raise ValueError(f"data: a dict (tokenizer output) must hold 'input_ids', got keys {list(data.keys())}")
@@ -403,62 +537,86 @@ def calibration_samples(data, tokenizer=None, num_samples: int = 128, seq_len: i
     if isinstance(data, torch.Tensor):
         if data.is_floating_point() or data.is_complex() or data.dtype == torch.bool:
             raise ValueError(f"data: token ids must be an integer tensor, got {data.dtype}")
+        if data.dim() not in (1, 2):
+            raise ValueError(f"data: a token tensor must be [T] or [B, T], got shape {tuple(data.shape)}")
+        if data.numel() == 0 and source is None:
+            raise ValueError(f"data: the token tensor is empty (shape {tuple(data.shape)}): no tokens to calibrate on")
         if data.dim() == 1:
             samples = _chunks(data.long(), seq_len, num_samples)
             source = source or "(a 1-D token stream)"
-        elif data.dim() == 2:
-            samples = [row[:seq_len].long() for row in data[:num_samples]]
         else:
-            raise ValueError(f"data: a token tensor must be [T] or [B, T], got shape {tuple(data.shape)}")
+            samples = [row[:seq_len].long() for row in data[:num_samples]]
     elif isinstance(data, (list, tuple)) or _is_record_iterable(data):
         samples = []
         for i, item in enumerate(data):  # a generator or a datasets.Dataset is read only as far as needed
             if len(samples) >= num_samples:
                 break
-            if isinstance(item, str):
-                rows = [_encode(tokenizer, item)]
+            if isinstance(item, str) or (isinstance(item, Mapping) and "input_ids" not in item
+                                         and isinstance(item.get("text"), str)):
+                text = item if isinstance(item, str) else item["text"]  # a record {"text": ...}, as a datasets row
                 source, per_text = source or "(the given texts)", True
-            elif isinstance(item, Mapping) and "input_ids" not in item and isinstance(item.get("text"), str):
-                rows = [_encode(tokenizer, item["text"])]  # a record {"text": ...}, as a datasets row is
-                source, per_text = source or "(the given texts)", True
+                if _is_blank(text):
+                    continue  # no text to calibrate on, like an empty one
+                rows = [_encode(tokenizer, text)]
             elif isinstance(item, Mapping):
                 if "input_ids" not in item:
                     raise ValueError(f"data[{i}]: a dict must hold 'input_ids' (a tokenizer's output) or a string "
                                      f"'text' (a record), got keys {list(item.keys())}; for another text field "
                                      f"pass [r[field] for r in records]")
                 rows = _unpadded_rows(item, f"data[{i}]")
-            elif isinstance(item, torch.Tensor) or (isinstance(item, (list, tuple))
-                                                    and all(isinstance(v, int) for v in item)):
-                ids = torch.as_tensor(item)
-                if ids.is_floating_point() or ids.dtype == torch.bool:
-                    raise ValueError(f"data[{i}]: token ids must be integers, got {ids.dtype}")
-                rows = list(ids.long().reshape(1, -1) if ids.dim() <= 1 else ids.long())
+            elif isinstance(item, torch.Tensor) or _is_numpy_array(item) or _is_id_list(item):
+                ids = _token_tensor(item, f"data[{i}]")
+                if ids.dim() > 2:
+                    raise ValueError(f"data[{i}]: a token tensor must be [T] or [B, T], got shape {tuple(ids.shape)}")
+                if ids.numel() == 0:
+                    raise ValueError(f"data[{i}]: empty token ids (shape {tuple(ids.shape)}): no tokens to "
+                                     f"calibrate on")
+                rows = list(ids.long().reshape(1, -1) if ids.dim() <= 1 else ids.long())  # [B, T]: B samples
             else:
-                raise ValueError(f"data[{i}]: expected a string, a token tensor, a list of ints or a dict with "
-                                 f"'input_ids' (e.g. a tokenizer's BatchEncoding), got {type(item).__name__}")
+                raise ValueError(f"data[{i}]: expected a string, a token tensor or numpy array, a list of ints or a "
+                                 f"dict with 'input_ids' (e.g. a tokenizer's BatchEncoding), got "
+                                 f"{_describe_item(item)}")
             for row in rows:
-                if len(samples) < num_samples:
+                if len(samples) < num_samples and row.numel() > 0:
                     samples.append(row.long()[:seq_len])
     else:
         raise ValueError(f"data: unsupported type {type(data).__name__} (pass token tensors, a tokenizer's output, "
                          f"a list of strings with a tokenizer, or the path of a local .txt / .jsonl / .json file)")
     samples = [s for s in samples if s.numel() > 0]
     if not samples:
-        raise ValueError("data: no calibration samples (empty data or empty texts)")
+        raise ValueError(f"data: {str(path)!r} gave no calibration samples" if path is not None else
+                         "data: no calibration samples (empty data, or only empty / whitespace-only texts)")
     if source is not None:
         _warn_little_data(samples, num_samples, seq_len, source, per_text=per_text)
     return samples
 
 
+def _describe_item(item) -> str:
+    """The type of a data item that is not a sample, with the offending element of a list."""
+    if isinstance(item, (list, tuple)):
+        odd = next((v for v in item if not isinstance(v, numbers.Integral) or isinstance(v, bool)), None)
+        if odd is not None:
+            return (f"a {type(item).__name__} holding a {type(odd).__name__} ({odd!r}); token ids are integers, "
+                    f"texts are strings")
+    return type(item).__name__
+
+
+class _Batches(list):
+    """What ``calibration_batches`` returns: ``[b, T]`` batches already limited to num_samples / seq_len /
+    batch_size. Given as data again (``smoothquant`` hands its batches to ``collect_act_stats`` and
+    ``smooth_``), it is used as it is; any other list of ``[B, T]`` tensors is cut like other data."""
+
+
 def calibration_batches(data, tokenizer=None, num_samples: int = 128, seq_len: int = 512,
                         batch_size: int = 1) -> list[torch.Tensor]:
-    """``calibration_samples`` grouped into ``[b, T]`` batches of consecutive equal-length samples."""
+    """``calibration_samples`` grouped into ``[b, T]`` batches of consecutive equal-length samples. A list of
+    ``[B, T]`` token tensors gives its rows as samples (at most ``num_samples``, cut to ``seq_len``, regrouped
+    by ``batch_size``); only this function's own result is passed on unchanged."""
     check_positive_int("num_samples", num_samples)
     check_positive_int("seq_len", seq_len)
     batch_size = check_positive_int("batch_size", batch_size)
-    if isinstance(data, list) and data and all(isinstance(b, torch.Tensor) and b.dim() == 2 for b in data) \
-            and not any(b.is_floating_point() for b in data):
-        return [b.long() for b in data]  # already batched
+    if isinstance(data, _Batches):
+        return data
     samples = calibration_samples(data, tokenizer, num_samples, seq_len)
     batches, current = [], []
     for s in samples:
@@ -468,6 +626,7 @@ def calibration_batches(data, tokenizer=None, num_samples: int = 128, seq_len: i
         current.append(s)
     if current:
         batches.append(torch.stack(current))
+    batches = _Batches(batches)
     full = -(-len(samples) // batch_size)
     if batch_size > 1 and len(batches) > max(2 * full, full + 1):
         warnings.warn(f"batch_size={batch_size}: only consecutive samples of equal length are batched (nothing is "

@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .calibration import (_encode, calibration_batches, check_positions, check_positive_int, check_token_ids,
-                          is_json_file, model_device, read_text_file, read_texts)
+from .calibration import (_encode, _is_id_list, _is_numpy_array, _token_tensor, calibration_batches, check_positions,
+                          check_positive_int, check_token_ids, is_json_file, model_device, read_text_file, read_texts)
 
 
 def sqnr(ref: torch.Tensor, test: torch.Tensor) -> float:
@@ -40,17 +40,16 @@ DOCUMENT_SEPARATOR = "\n\n"  # between the texts of a list or a JSON(L) file, as
 
 
 def _token_stream(data, tokenizer) -> torch.Tensor:
-    """One token stream from a 1-D token tensor / list of ints, a list of texts, or a local file: a text file
-    as it is, a .jsonl / .json file's texts (as calibration reads them) joined by a blank line."""
-    if isinstance(data, torch.Tensor):
-        if data.is_floating_point() or data.is_complex() or data.dtype == torch.bool:
-            raise ValueError(f"data: token ids must be integers, got {data.dtype}")
-        return data.reshape(-1).long()
+    """One token stream from a 1-D token tensor / numpy array / list of ints, a list of texts, or a local file:
+    a text file as it is (all of it), a .jsonl / .json file's texts (as calibration reads them) joined by a
+    blank line."""
+    if isinstance(data, torch.Tensor) or _is_numpy_array(data):
+        return _token_tensor(data, "data").reshape(-1).long()
     if isinstance(data, (list, tuple)):
         if data and all(isinstance(t, str) for t in data):
             return _encode(tokenizer, DOCUMENT_SEPARATOR.join(data))
-        if data and all(isinstance(t, int) and not isinstance(t, bool) for t in data):
-            return torch.tensor(data, dtype=torch.long)
+        if data and _is_id_list(data):  # ints, numpy integers too
+            return _token_tensor(data, "data").long()
         raise ValueError("data: a list must hold texts (strings, scored as one text joined by blank lines) or token "
                          "ids (ints); pass a local text file, a list of strings or a 1-D token tensor")
     if not isinstance(data, (str, os.PathLike)):

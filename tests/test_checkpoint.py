@@ -173,7 +173,7 @@ def test_unknown_version_and_foreign_files_rejected(tmp_path):
     (path / QUANT_FILE).unlink()
     with pytest.raises(CheckpointError, match="not an sq_kernels quantized model"):
         sq.load_quantized(path)
-    with pytest.raises(CheckpointError, match="not a checkpoint directory"):
+    with pytest.raises(CheckpointError, match="not a checkpoint directory|no such directory"):
         sq.load_quantized(tmp_path / "nothing")
 
 

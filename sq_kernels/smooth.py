@@ -210,6 +210,11 @@ def fold_(layer: nn.Module, plan: GroupPlan, s: torch.Tensor) -> None:
         t.copy_((t.to(torch.float32) * s.to(t.device)).to(t.dtype))
 
 
+def _is_registered_by_user(spec: FamilySpec) -> bool:
+    from .families import _USER
+    return any(spec is registered for registered in _USER.values())
+
+
 def _resolve_alpha(config: SmoothQuantConfig, spec: FamilySpec):
     alpha = config.alpha
     if alpha is None:
@@ -236,8 +241,12 @@ def smooth_(model, stats: ActStats, config: SmoothQuantConfig | None = None, dat
     config = as_config(config, "smooth_")
     check_in_memory(model, "smooth_")
     spec = family_of(model, config.family)
+    user_table = isinstance(config.family, FamilySpec) or _is_registered_by_user(spec)
     alpha = _resolve_alpha(config, spec)
     plans, skipped = plan_smoothing(model, stats, config, spec)
+    if user_table and plans:  # a hand-written table is proven on the model before anything is folded
+        from .families.auto import prove_table
+        prove_table(model, spec, config.fold_linear_pairs)
     check_stats_source(model, stats, "smooth_")
     check_stats_match_smoothing(model, stats, "smooth_")
     if is_smoothed(model) and stats.meta.get("smoothed") is None:  # statistics saved before this was recorded

@@ -339,6 +339,33 @@ def test_a_table_with_no_group_for_the_model_warns():
         sq.smooth_(copy.deepcopy(model), stats, _cfg(family=absent))
 
 
+def test_a_user_table_that_would_change_the_model_is_refused_before_folding():
+    from sq_kernels.families import family_for_model_type as get_family, register_family
+    from sq_kernels.families import _USER
+    model = make_model("llama")
+    stats = sq.collect_act_stats(model, calib_tokens(2, 16), progress=False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    partial = FamilySpec("Partial", ("llama",), "model.layers",
+                         (SmoothGroup("input_layernorm", ("self_attn.q_proj",)),), default_alpha=0.5)
+    with pytest.raises(ValueError, match="family table 'Partial': smoothing is not neutral for 1 group.*"
+                                         "model.layers.0.input_layernorm -> self_attn.q_proj changed the layer's "
+                                         "output by .*must list every module that reads"):
+        sq.smooth_(model, stats, _cfg(family=partial))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # nothing was folded
+    whole = FamilySpec("Whole", ("llama",), "model.layers", get_family("llama").groups, default_alpha=0.5,
+                       linear_pairs=get_family("llama").linear_pairs)
+    x = calib_tokens(2, 16, seed=5)
+    want = _logits(model, x)
+    sq.smooth_(model, stats, _cfg(family=whole, fold_linear_pairs=True))  # a complete table, pairs too, passes
+    torch.testing.assert_close(_logits(model, x), want, rtol=1e-4, atol=1e-4)
+    try:  # a registered table is a user's table too
+        register_family(partial)
+        with pytest.raises(ValueError, match="smoothing is not neutral"):
+            sq.smooth_(make_model("llama"), stats, _cfg())
+    finally:
+        _USER.pop("llama", None)
+
+
 # ------------------------------------------------------------- #9 tied lm_head
 
 

@@ -163,11 +163,11 @@ def _groups_of_layer(layer: nn.Module, call, width: int, notes: list[str], lname
 def _check_group(layer, lname, group: SmoothGroup, call, expected) -> float:
     """Relative output error of a copy of ``layer`` with ``group`` smoothed by random scales, on ``call``."""
     from ..layerwise import hidden_out
-    from ..smooth import GroupPlan, fold_
+    from ..smooth import GroupPlan, fold_, input_weight
     trial = copy.deepcopy(layer)
-    width = trial.get_submodule(group.source).weight.shape[0]
+    width = input_weight(trial.get_submodule(group.targets[0]), group.targets[0]).shape[-1]
     s = torch.empty(width).uniform_(0.5, 2.0, generator=torch.Generator().manual_seed(1))
-    plan = GroupPlan(lname, group.source, "norm", group.targets, torch.ones(width), torch.ones(width),
+    plan = GroupPlan(lname, group.source, group.kind, group.targets, torch.ones(width), torch.ones(width),
                      group.weight_offset)
     fold_(trial, plan, s)
     return _relative_error(hidden_out(trial(*call[0], **call[1])), expected)
@@ -243,4 +243,49 @@ def infer_family(model: nn.Module) -> FamilySpec:
     return spec
 
 
-__all__ = ["infer_family", "find_layers"]
+def prove_table(model: nn.Module, spec: FamilySpec, fold_linear_pairs: bool = False) -> None:
+    """Check a user's table on ``model`` before it is trusted: every group is folded with random scales into a
+    copy of the first decoder layer it applies to, and the layer's output on a short random prompt must not
+    change (float rounding aside). A group that leaves out one of its source's readers fails this: smoothing it
+    would change the model. Raises a ValueError naming the group and the error."""
+    from ..calibration import model_device, run_model
+    from ..layerwise import LayerwiseRun
+    from . import decoder_layers
+    layers = decoder_layers(model, spec)
+    config = getattr(model, "config", None)
+    groups = spec.active_groups(config, fold_linear_pairs)
+    if not layers or not groups:
+        return
+    text = getattr(config, "text_config", None) or config
+    vocab = int(getattr(text, "vocab_size", 2) or 2)
+    tokens = torch.randint(0, vocab, (1, PROBE_TOKENS), generator=torch.Generator().manual_seed(0))
+    dtype = next(model.parameters()).dtype
+    tolerance = 1e-4 if dtype == torch.float32 else 2e-2
+    todo = {(g.source, g.targets): g for g in groups}
+    failures: list[str] = []
+
+    def visit(lname, layer, inputs, outputs):
+        for key, group in list(todo.items()):
+            if not group.present(layer):
+                continue
+            del todo[key]
+            err = _check_group(layer, lname, group, inputs[0], outputs[0])
+            if not err <= tolerance:
+                failures.append(f"{lname}.{group.source} -> {', '.join(group.targets)} changed the layer's output by "
+                                f"{err:.1e} (relative)")
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), LayerwiseRun(model, layers, [tokens], model_device(model), run_model) as run:
+            run.walk(visit)
+    finally:
+        model.train(was_training)
+    if failures:
+        raise ValueError(f"family table {spec.name!r}: smoothing is not neutral for {len(failures)} group(s): "
+                         f"{'; '.join(failures[:3])}. A group must list every module that reads its source's output "
+                         f"(and the source must compute weight * x (+ bias)); compare with family='auto', which "
+                         f"infers the table from the model")
+
+
+__all__ = ["infer_family", "find_layers", "prove_table"]

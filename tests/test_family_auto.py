@@ -31,12 +31,12 @@ UNREGISTERED = {  # architectures without a table here
 }
 
 
-def _table(model, spec):
+def _table(model, spec, pairs=False):
     out = {}
     for name, layer in decoder_layers(model, spec):
-        for g in spec.active_groups(model.config):
+        for g in spec.active_groups(model.config, fold_linear_pairs=pairs):
             if g.present(layer):
-                out.setdefault(name, set()).add((g.source, frozenset(g.targets), g.weight_offset))
+                out.setdefault(name, set()).add((g.kind, g.source, frozenset(g.targets), g.weight_offset))
     return out
 
 
@@ -48,6 +48,7 @@ def test_inference_rebuilds_every_hand_written_table(family):
     registered, inferred = family_of(model), infer_family(model)
     assert inferred.layers == registered.layers
     assert _table(model, inferred) == _table(model, registered)
+    assert _table(model, inferred, pairs=True) == _table(model, registered, pairs=True)  # v->o, up->down, fc1->fc2
     assert inferred.extra["notes"] == []
     assert infer_family(model) is inferred  # cached per model
 
@@ -80,6 +81,19 @@ def test_architectures_without_a_table(arch, capsys):
     with capsys.disabled():
         print(f"\n[SQNR] {arch:10s} (family='auto') SmoothQuant W8A8 {sq_db:6.2f} dB | naive W8A8 {naive_db:6.2f} dB")
     assert sq_db >= 20.0 and sq_db >= naive_db + 10.0
+    # with the inferred linear pairs too: still neutral, and still as accurate
+    paired = copy.deepcopy(fp)
+    cfg = sq.SmoothQuantConfig(family="auto", fold_linear_pairs=True, progress=False)
+    pair_report = sq.smooth_(paired, sq.collect_act_stats(paired, calib_tokens(), progress=False), cfg)
+    pairs = len(pair_report.groups) - len(report.groups)
+    with torch.no_grad():
+        assert torch.allclose(paired(x).logits, ref, rtol=1e-4, atol=1e-4)
+    sq.quantize_(paired, cfg, stats=pair_report.stats)
+    with torch.no_grad():
+        pair_db = sqnr(ref, paired(x).logits)
+    with capsys.disabled():
+        print(f"[SQNR] {arch:10s} (family='auto', +{pairs} linear-pair folds) SmoothQuant W8A8 {pair_db:6.2f} dB")
+    assert pair_db >= 20.0 and pair_db >= naive_db + 10.0
 
 
 def test_what_cannot_be_smoothed_is_refused_with_the_reason():

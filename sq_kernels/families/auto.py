@@ -13,11 +13,17 @@
 4. **Proof**: for every layer, a copy is smoothed with random scales in [0.5, 2] and must give the same
    output as the layer on the recorded input (relative error below 1e-4 in float32, 2e-2 in 16-bit); a
    group that breaks this is dropped, with the reason.
+5. **Linear pairs** (``fold_linear_pairs=True``): every pair of linears ``a`` then ``b`` in a layer where
+   ``a``'s output width is ``b``'s input width is folded the same way (``a``'s output rows / s, ``b``'s
+   input columns * s); those that keep the layer's output are pairs (v -> o without grouped KV heads,
+   up -> down through a gated MLP, fc1 -> fc2 through a ReLU). A pair that fails in one layer is not tried
+   in later ones.
 
 The result is a ``FamilySpec`` named ``auto (ClassName)`` with alpha 0.5 (the paper's default; use
-alpha="auto" to search), no linear pairs and no modules kept in floating point beyond the usual rules
-(routers that are ``nn.Linear`` are converted like any linear unless excluded). Inferring costs a forward
-on 16 tokens and, per layer, two smoothed copies of that layer.
+alpha="auto" to search) and no modules kept in floating point beyond the usual rules (routers that are
+``nn.Linear`` are converted like any linear unless excluded). Inferring costs a forward on 16 tokens and,
+per layer, one smoothed copy of that layer per group and per pair still in the running (about a dozen
+candidates in the first layer of a Llama, two in the others).
 """
 from __future__ import annotations
 
@@ -173,6 +179,24 @@ def _check_group(layer, lname, group: SmoothGroup, call, expected) -> float:
     return _relative_error(hidden_out(trial(*call[0], **call[1])), expected)
 
 
+def _pair_candidates(layer: nn.Module, call) -> list[tuple[str, str]]:
+    """``(a, b)`` for linears of ``layer`` called in this order in one call where ``a``'s output width is
+    ``b``'s input width: the pairs whose smoothing (``a``'s output rows / s, ``b``'s input columns * s) may be
+    neutral. Which are is decided by folding (``_check_group``)."""
+    order, hooks = [], []
+    linears = {n: m for n, m in layer.named_modules() if n and isinstance(m, nn.Linear)}
+    try:
+        for n, m in linears.items():
+            hooks.append(m.register_forward_pre_hook(lambda module, args, n=n: order.append(n)))
+        layer(*call[0], **call[1])
+    finally:
+        for h in hooks:
+            h.remove()
+    called = list(dict.fromkeys(order))
+    return [(a, b) for i, a in enumerate(called) for b in called[i + 1:]
+            if linears[a].out_features == linears[b].in_features]
+
+
 def infer_family(model: nn.Module) -> FamilySpec:
     """The smoothing table of ``model`` inferred as the module docstring says (cached per model object)."""
     if model in _CACHE:
@@ -193,6 +217,8 @@ def infer_family(model: nn.Module) -> FamilySpec:
     dtype = next(model.parameters()).dtype
     tolerance = 1e-4 if dtype == torch.float32 else 2e-2
     per_layer: dict[str, list[SmoothGroup]] = {}
+    pairs_per_layer: dict[str, list[SmoothGroup]] = {}
+    pair_verdict: dict[tuple[str, str], bool] = {}  # a pair that failed once is not tried again
     notes: list[str] = []
 
     def visit(lname, layer, inputs, outputs):
@@ -206,6 +232,14 @@ def infer_family(model: nn.Module) -> FamilySpec:
                 notes.append(f"{lname}.{group.source} -> {', '.join(group.targets)}: smoothing it changed the layer's "
                              f"output by {err:.1e} (relative), so it is not smoothed")
         per_layer[lname] = kept
+        pairs = []
+        for a, b in _pair_candidates(layer, inputs[0]):
+            if pair_verdict.get((a, b), True):
+                pair = SmoothGroup(a, (b,), kind="linear")
+                pair_verdict[(a, b)] = _check_group(layer, lname, pair, inputs[0], outputs[0]) <= tolerance
+                if pair_verdict[(a, b)]:
+                    pairs.append(pair)
+        pairs_per_layer[lname] = pairs
 
     was_training = model.training
     model.eval()
@@ -223,18 +257,27 @@ def infer_family(model: nn.Module) -> FamilySpec:
                          f"({path}) that can be smoothed" + (f": {notes[0]}" if notes else "") +
                          "; quantize without smoothing (smooth=False) or pass a FamilySpec")
     layer_ids = {name: id(layer) for name, layer in layers}
-    groups = []
-    for (source, targets, offset), where in signatures.items():
-        if len(where) == len(layers):
-            groups.append(SmoothGroup(source, targets, weight_offset=offset))
-        else:
-            ids = frozenset(layer_ids[w] for w in where)
-            groups.append(SmoothGroup(source, targets, weight_offset=offset,
-                                      in_layer=lambda layer, ids=ids: id(layer) in ids,
-                                      note=f"in {len(where)} of {len(layers)} layers"))
+
+    def table(signatures, kind):
+        out = []
+        for (source, targets, offset), where in signatures.items():
+            if len(where) == len(layers):
+                out.append(SmoothGroup(source, targets, kind=kind, weight_offset=offset))
+            else:
+                ids = frozenset(layer_ids[w] for w in where)
+                out.append(SmoothGroup(source, targets, kind=kind, weight_offset=offset,
+                                       in_layer=lambda layer, ids=ids: id(layer) in ids,
+                                       note=f"in {len(where)} of {len(layers)} layers"))
+        return tuple(out)
+
+    pair_signatures: dict[tuple, list[str]] = {}
+    for lname, pairs in pairs_per_layer.items():
+        for g in pairs:
+            pair_signatures.setdefault((g.source, g.targets, 0.0), []).append(lname)
+    groups = table(signatures, "norm")
     spec = FamilySpec(name=f"auto ({type(model).__name__})",
                       model_types=(getattr(config, "model_type", None) or type(model).__name__,),
-                      layers=path, groups=tuple(groups), default_alpha=0.5,
+                      layers=path, groups=groups, linear_pairs=table(pair_signatures, "linear"), default_alpha=0.5,
                       keep_fp_modules=outside_language_model(model, root) if root else (),
                       description="inferred from the model: " + ("; ".join(dict.fromkeys(notes))
                                                                  or "every norm feeding linears is smoothed"),

@@ -137,3 +137,34 @@ def test_family_auto_rebuilds_the_table(family):
     def rows(spec):
         return [(g.source, g.targets, g.weight_offset) for g in spec.active_groups(model.config)]
     assert rows(auto) == rows(table) and not auto.extra["notes"]
+
+
+# vLLM's multimodal models map a checkpoint's transformers-5 names with these prefixes (hf_to_vllm_mapper:
+# model.language_model. -> language_model.model., lm_head. -> language_model.lm_head., ...), and its
+# compressed-tensors config maps the `ignore` list the same way: the export must use exactly these roots
+VLLM_PREFIXES = ("model.language_model.", "model.vision_tower.", "model.multi_modal_projector.", "lm_head.")
+
+
+@pytest.mark.parametrize("family", MULTIMODAL)
+def test_export_uses_the_names_vllm_maps(family, tmp_path):
+    import json
+
+    from safetensors import safe_open
+
+    from sq_kernels.export import export_compressed_tensors, load_compressed_tensors
+    q = make_model(family)
+    sq.smoothquant(q, calib_tokens(), _cfg())
+    out = export_compressed_tensors(q, tmp_path / "ct", progress=False)
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert keys and all(k.startswith(VLLM_PREFIXES) for k in keys), [k for k in keys if not k.startswith(VLLM_PREFIXES)]
+    int8 = {k.rsplit(".", 1)[0] for k in keys if k.endswith(".weight_scale")}
+    assert int8 and all(k.startswith("model.language_model.layers.") for k in int8)
+    ignore = json.loads((out / "config.json").read_text())["quantization_config"]["ignore"]
+    fp_linears = {n for n, m in q.named_modules() if isinstance(m, torch.nn.Linear)}  # MHA out_proj too
+    assert set(ignore) == fp_linears and "lm_head" in ignore
+    assert any(n.startswith("model.vision_tower.") for n in ignore) and all(n.startswith(VLLM_PREFIXES[:3]) or
+                                                                             n == "lm_head" for n in ignore)
+    inputs = _image_inputs(q, family)
+    with torch.no_grad():
+        assert torch.equal(load_compressed_tensors(out)(**inputs).logits, q(**inputs).logits)

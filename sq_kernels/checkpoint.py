@@ -35,7 +35,7 @@ from torch import nn
 
 from .config import ACTIVATION_SCHEMES, WEIGHT_GRANULARITIES
 from .nn import W8A8Experts, W8A8Linear
-from .nn._quant import FLOAT_DTYPES, KeepFloat32Buffers
+from .nn._quant import FLOAT_DTYPES, KeepFloat32Buffers, install_sharing_scopes
 
 FORMAT = "sq_kernels.w8a8"
 FORMAT_VERSION = 2  # the newest this release reads and writes; 1: one weights file, 2: shards
@@ -309,8 +309,8 @@ def save_quantized(model: nn.Module, path, *, max_shard_size=DEFAULT_SHARD_SIZE,
     for key in list(aliases):
         if any(key.startswith(name + ".") for name in table):
             raise ValueError(f"save_quantized: {key} shares memory with {aliases[key]}; W8A8 buffers must be their own")
-    _check_scales(tensors, table, "save_quantized")
     _check_savable(model, tensors, "save_quantized")
+    _check_scales(tensors, table, "save_quantized")
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ValueError(f"save_quantized: {path} is a file; give a directory")
@@ -566,6 +566,7 @@ def finish_loading(model: nn.Module, path: Path, dtype, where) -> nn.Module:
     still_meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if still_meta:
         raise CheckpointError(f"{where} left tensors unset: {still_meta[:6]}")
+    install_sharing_scopes(m for m in model.modules() if any(isinstance(c, W8A8Linear) for c in m.children()))
     if (path / "generation_config.json").is_file():
         from transformers import GenerationConfig
         model.generation_config = GenerationConfig.from_pretrained(str(path), local_files_only=True)

@@ -87,7 +87,7 @@ def _check_data_file(path: str | None, flag: str) -> None:
         raise ValueError(f"{flag} {path} is not a file")
     with open(p, "rb") as f:
         head = f.read(1 << 20)
-    if not head.strip():
+    if not head.strip() and len(head) < (1 << 20):  # a longer file may hold text further on: reading decides
         raise ValueError(f"{flag} {path} holds no text" + (" (it is empty)" if not head else ""))
     try:
         head.decode("utf-8-sig")

@@ -112,8 +112,8 @@ def export_compressed_tensors(model: nn.Module, path, tokenizer=None, *, max_sha
     tensors, _aliases, non_persistent, own_copy = _all_tensors(model)  # tied weights stored once, as HF does
     for key in non_persistent:  # rotary tables and the like: rebuilt by the model, not part of a checkpoint
         tensors.pop(key, None)
-    _check_scales(tensors, _module_table(model), "export")  # a NaN, Inf or zero scale would be served as is
     _check_savable(model, tensors, "export")
+    _check_scales(tensors, _module_table(model), "export")  # a NaN, Inf or zero scale would be served as is
     dtype = stored_float_dtype(model) or torch.float16
     for name, m in model.named_modules():
         if isinstance(m, W8A8Linear):

@@ -13,14 +13,13 @@ PLOT_SUFFIXES = (".png", ".pdf", ".svg")
 
 
 def require_matplotlib(what: str = "plotting"):
-    """``matplotlib.pyplot`` on the Agg backend, or an ImportError that says how to get it."""
+    """matplotlib's ``Figure`` class, or an ImportError that says how to get it. Figures are made without
+    pyplot, so the user's backend and open figures (a notebook's) are left as they are."""
     try:
-        import matplotlib
+        from matplotlib.figure import Figure
     except ImportError as exc:
         raise ImportError(f"{what} needs matplotlib, which is not installed: pip install matplotlib") from exc
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
+    return Figure
 
 
 def check_plot_path(path, what: str = "plot") -> Path:
@@ -50,7 +49,7 @@ def plot_smoothing(report, path, *, groups: list[str] | None = None, top: int = 
     ``report.vectors``; default: the ``top`` groups whose activations had the worst outliers), the
     per-channel abs-max of the activation and of the weight before and after: the paper's Figure 4.
     Returns the path written."""
-    plt = require_matplotlib("plot_smoothing")
+    Figure = require_matplotlib("plot_smoothing")
     from matplotlib.ticker import MaxNLocator
     path = check_plot_path(path, "plot_smoothing")
     vectors = getattr(report, "vectors", None) or {}
@@ -68,7 +67,8 @@ def plot_smoothing(report, path, *, groups: list[str] | None = None, top: int = 
             raise ValueError(f"plot_smoothing: unknown groups {unknown}; the report has {names[:6]}"
                              f"{' ...' if len(names) > 6 else ''}")
     rows = 1 + len(groups)
-    fig, axes = plt.subplots(rows, 2, figsize=(13, 3.6 * rows), squeeze=False)
+    fig = Figure(figsize=(13, 3.6 * rows))
+    axes = fig.subplots(rows, 2, squeeze=False)
     x = range(len(names))
     for col, (key, label) in enumerate((("act", "activation"), ("weight", "weight"))):
         ax = axes[0][col]
@@ -101,7 +101,6 @@ def plot_smoothing(report, path, *, groups: list[str] | None = None, top: int = 
     fig.suptitle(f"SmoothQuant smoothing ({report.family}): {len(names)} groups")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 
@@ -120,7 +119,8 @@ def plot_layer_sqnr(report: dict[str, float] | dict[str, dict[str, float]], path
     """SQNR (dB) by decoder layer, one line per kind of module (``q_proj``, ``down_proj``, ...), with the
     logits' SQNR as a dashed line, from ``layer_sqnr``'s report. Several reports (``{label: report}``, e.g.
     SmoothQuant and naive W8A8 of the same model) share the axes, one colour each. Returns the path written."""
-    plt = require_matplotlib("plot_layer_sqnr")
+    Figure = require_matplotlib("plot_layer_sqnr")
+    from matplotlib import rcParams
     from matplotlib.ticker import MaxNLocator
     path = check_plot_path(path, "plot_layer_sqnr")
     if not isinstance(report, dict) or not report:
@@ -131,8 +131,9 @@ def plot_layer_sqnr(report: dict[str, float] | dict[str, dict[str, float]], path
         if bad or not rep:
             raise ValueError(f"plot_layer_sqnr: report {label!r} must map module names to SQNR in dB; "
                              f"got non-numbers for {bad[:4]}" if bad else f"plot_layer_sqnr: report {label!r} is empty")
-    fig, ax = plt.subplots(figsize=(13, 5))
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig = Figure(figsize=(13, 5))
+    ax = fig.subplots()
+    colours = rcParams["axes.prop_cycle"].by_key()["color"]
     markers = "os^vDP*Xhp<>"
     last_layer = 0
     for ri, (label, rep) in enumerate(reports.items()):
@@ -168,7 +169,6 @@ def plot_layer_sqnr(report: dict[str, float] | dict[str, dict[str, float]], path
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 

@@ -240,7 +240,7 @@ def smooth_(model, stats: ActStats, config: SmoothQuantConfig | None = None, dat
     """
     config = as_config(config, "smooth_")
     check_in_memory(model, "smooth_")
-    spec = family_of(model, config.family)
+    spec = family_of(model, config.family, pairs=config.fold_linear_pairs)
     user_table = isinstance(config.family, FamilySpec) or _is_registered_by_user(spec)
     alpha = _resolve_alpha(config, spec)
     plans, skipped = plan_smoothing(model, stats, config, spec)

@@ -65,6 +65,13 @@ def test_a_failed_save_leaves_the_earlier_checkpoint_whole(tmp_path):
     with pytest.raises(ValueError, match="hold no data .*model.norm.weight"):
         sq.save_quantized(model, out, progress=False)
     assert _files(out) == before
+    w8a8 = model.model.layers[0].self_attn.q_proj  # a W8A8 buffer without data: named, not a raw .item() error
+    scale = w8a8.weight_scale
+    w8a8.weight_scale = torch.empty(scale.shape, device="meta")
+    with pytest.raises(ValueError, match="hold no data .*q_proj.weight_scale"):
+        sq.save_quantized(model, out, progress=False)
+    w8a8.weight_scale = scale
+    assert _files(out) == before
     assert model.config.architectures == architectures  # the user's config is not edited by a save
     torch.testing.assert_close(_logits(sq.load_quantized(out), X), _logits(quantized("llama"), X), rtol=0, atol=0)
 

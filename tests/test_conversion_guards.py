@@ -366,6 +366,20 @@ def test_a_user_table_that_would_change_the_model_is_refused_before_folding():
         _USER.pop("llama", None)
 
 
+def test_smoothquant_proves_a_user_table_before_calibrating(monkeypatch):
+    import sq_kernels.api as api_mod
+    model = make_model("llama")
+    partial = FamilySpec("Partial", ("llama",), "model.layers",
+                         (SmoothGroup("input_layernorm", ("self_attn.q_proj",)),), default_alpha=0.5)
+
+    def no_calibration(*args, **kwargs):
+        raise AssertionError("calibrated before the table was proven")
+    monkeypatch.setattr(api_mod, "collect_act_stats", no_calibration, raising=False)
+    monkeypatch.setattr(sq.calibration, "collect_act_stats", no_calibration)
+    with pytest.raises(ValueError, match="family table 'Partial': smoothing is not neutral"):
+        sq.smoothquant(model, calib_tokens(), _cfg(family=partial))
+
+
 # ------------------------------------------------------------- #9 tied lm_head
 
 

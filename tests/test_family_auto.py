@@ -48,7 +48,9 @@ def test_inference_rebuilds_every_hand_written_table(family):
     registered, inferred = family_of(model), infer_family(model)
     assert inferred.layers == registered.layers
     assert _table(model, inferred) == _table(model, registered)
-    assert _table(model, inferred, pairs=True) == _table(model, registered, pairs=True)  # v->o, up->down, fc1->fc2
+    assert inferred.linear_pairs == ()  # looked for only when asked
+    paired = infer_family(model, pairs=True)
+    assert _table(model, paired, pairs=True) == _table(model, registered, pairs=True)  # v->o, up->down, fc1->fc2
     assert inferred.extra["notes"] == []
     assert infer_family(model) is inferred  # cached per model
 

@@ -138,7 +138,8 @@ def test_cli_quantize_plot_errors_come_before_any_work(model_dir, calib_txt, tmp
 def test_cli_eval_plot_needs_the_sqnr_report_and_matplotlib(model_dir, calib_txt, tmp_path, monkeypatch, capsys):
     rc = main(["eval", str(model_dir), "--ppl", str(calib_txt), "--plot", str(tmp_path / "p.png")])
     assert rc == 2 and "pass --reference DIR and --sqnr-data FILE" in capsys.readouterr().err
-    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
+    for name in ("matplotlib", "matplotlib.figure"):  # as if it were not installed
+        monkeypatch.setitem(sys.modules, name, None)
     rc = main(["eval", str(model_dir), "--reference", str(model_dir), "--sqnr-data", str(calib_txt),
                "--plot", str(tmp_path / "p.png")])
     assert rc == 2 and "needs matplotlib, which is not installed: pip install matplotlib" in capsys.readouterr().err

@@ -233,12 +233,12 @@ def family_for_model_type(model_type: str) -> FamilySpec:
     return importlib.import_module(_REGISTRY[model_type]).SPEC
 
 
-def family_of(model, override: FamilySpec | None = None) -> FamilySpec:
+def family_of(model, override: FamilySpec | None = None, pairs: bool = False) -> FamilySpec:
     """The table for ``model`` (an HF ``PreTrainedModel``), or ``override`` when given (``"auto"``: inferred
-    from the model, see ``sq_kernels.families.auto``)."""
+    from the model, see ``sq_kernels.families.auto``; ``pairs``: with its linear pairs)."""
     if isinstance(override, str) and override == "auto":
         from .auto import infer_family
-        return infer_family(model)
+        return infer_family(model, pairs)
     if override is not None:
         if not isinstance(override, FamilySpec):
             raise ValueError(f"family must be a sq_kernels.families.FamilySpec or 'auto', got "

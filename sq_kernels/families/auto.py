@@ -11,9 +11,11 @@
 3. **The norm's form**: ``weight * x̂ (+ bias)`` or ``(1 + weight) * x̂`` (Gemma), told apart by running a
    copy of the norm with its weight set to 1 and to 2.
 4. **Proof**: for every layer, a copy is smoothed with random scales in [0.5, 2] and must give the same
-   output as the layer on the recorded input (relative error below 1e-4 in float32, 2e-2 in 16-bit); a
-   group that breaks this is dropped, with the reason.
-5. **Linear pairs** (``fold_linear_pairs=True``): every pair of linears ``a`` then ``b`` in a layer where
+   output as the layer on the recorded input (the layer's own contribution, output minus input, within
+   1e-4 relative in float32, 2e-2 in 16-bit, so the residual stream cannot hide a change); a group that
+   breaks this is dropped, with the reason.
+5. **Linear pairs** (only with ``fold_linear_pairs=True``: ``infer_family(model, pairs=True)``; not in a layer
+   with more than ``MAX_PAIR_LINEARS`` linears): every pair of linears ``a`` then ``b`` in a layer where
    ``a``'s output width is ``b``'s input width is folded the same way (``a``'s output rows / s, ``b``'s
    input columns * s); those that keep the layer's output are pairs (v -> o without grouped KV heads,
    up -> down through a gated MLP, fc1 -> fc2 through a ReLU). A pair that fails in one layer is not tried
@@ -35,7 +37,9 @@ from torch import nn
 
 from . import FamilySpec, SmoothGroup, language_model_root, outside_language_model
 
-_CACHE: "weakref.WeakKeyDictionary[nn.Module, FamilySpec]" = weakref.WeakKeyDictionary()
+_CACHE: "weakref.WeakKeyDictionary[nn.Module, dict[bool, FamilySpec]]" = weakref.WeakKeyDictionary()
+_PROVEN: "weakref.WeakKeyDictionary[nn.Module, set]" = weakref.WeakKeyDictionary()  # (id(spec), pairs) proven
+MAX_PAIR_LINEARS = 16  # a layer with more nn.Linear modules (MoE experts as modules) gets no pair inference
 PROBE_TOKENS = 16
 
 
@@ -176,7 +180,12 @@ def _check_group(layer, lname, group: SmoothGroup, call, expected) -> float:
     plan = GroupPlan(lname, group.source, group.kind, group.targets, torch.ones(width), torch.ones(width),
                      group.weight_offset)
     fold_(trial, plan, s)
-    return _relative_error(hidden_out(trial(*call[0], **call[1])), expected)
+    out = hidden_out(trial(*call[0], **call[1]))
+    x = _first_tensor(*call)
+    if isinstance(x, torch.Tensor) and x.shape == out.shape == expected.shape:
+        # the layer's own contribution: the residual it adds back would hide a change in a deep layer
+        return _relative_error(out - x, expected - x)
+    return _relative_error(out, expected)
 
 
 def _pair_candidates(layer: nn.Module, call) -> list[tuple[str, str]]:
@@ -197,10 +206,12 @@ def _pair_candidates(layer: nn.Module, call) -> list[tuple[str, str]]:
             if linears[a].out_features == linears[b].in_features]
 
 
-def infer_family(model: nn.Module) -> FamilySpec:
-    """The smoothing table of ``model`` inferred as the module docstring says (cached per model object)."""
-    if model in _CACHE:
-        return _CACHE[model]
+def infer_family(model: nn.Module, pairs: bool = False) -> FamilySpec:
+    """The smoothing table of ``model`` inferred as the module docstring says (cached per model object);
+    ``pairs``: infer its linear pairs too (for ``fold_linear_pairs=True``; otherwise none are looked for)."""
+    cached = _CACHE.get(model, {})
+    if pairs in cached:
+        return cached[pairs]
     from ..calibration import check_in_memory, model_device, run_model
     from ..layerwise import LayerwiseRun
     check_in_memory(model, "family='auto'")
@@ -232,14 +243,18 @@ def infer_family(model: nn.Module) -> FamilySpec:
                 notes.append(f"{lname}.{group.source} -> {', '.join(group.targets)}: smoothing it changed the layer's "
                              f"output by {err:.1e} (relative), so it is not smoothed")
         per_layer[lname] = kept
-        pairs = []
-        for a, b in _pair_candidates(layer, inputs[0]):
-            if pair_verdict.get((a, b), True):
-                pair = SmoothGroup(a, (b,), kind="linear")
-                pair_verdict[(a, b)] = _check_group(layer, lname, pair, inputs[0], outputs[0]) <= tolerance
-                if pair_verdict[(a, b)]:
-                    pairs.append(pair)
-        pairs_per_layer[lname] = pairs
+        found = []
+        linears = sum(isinstance(m, nn.Linear) for m in layer.modules())
+        if pairs and linears > MAX_PAIR_LINEARS:
+            notes.append(f"{lname}: {linears} linears (experts as separate modules?): linear pairs not inferred")
+        elif pairs:
+            for a, b in _pair_candidates(layer, inputs[0]):
+                if pair_verdict.get((a, b), True):
+                    pair = SmoothGroup(a, (b,), kind="linear")
+                    pair_verdict[(a, b)] = _check_group(layer, lname, pair, inputs[0], outputs[0]) <= tolerance
+                    if pair_verdict[(a, b)]:
+                        found.append(pair)
+        pairs_per_layer[lname] = found
 
     was_training = model.training
     model.eval()
@@ -271,8 +286,8 @@ def infer_family(model: nn.Module) -> FamilySpec:
         return tuple(out)
 
     pair_signatures: dict[tuple, list[str]] = {}
-    for lname, pairs in pairs_per_layer.items():
-        for g in pairs:
+    for lname, found in pairs_per_layer.items():
+        for g in found:
             pair_signatures.setdefault((g.source, g.targets, 0.0), []).append(lname)
     groups = table(signatures, "norm")
     spec = FamilySpec(name=f"auto ({type(model).__name__})",
@@ -282,7 +297,7 @@ def infer_family(model: nn.Module) -> FamilySpec:
                       description="inferred from the model: " + ("; ".join(dict.fromkeys(notes))
                                                                  or "every norm feeding linears is smoothed"),
                       extra={"notes": list(dict.fromkeys(notes))})
-    _CACHE[model] = spec
+    _CACHE.setdefault(model, {})[pairs] = spec
     return spec
 
 
@@ -294,6 +309,8 @@ def prove_table(model: nn.Module, spec: FamilySpec, fold_linear_pairs: bool = Fa
     from ..calibration import model_device, run_model
     from ..layerwise import LayerwiseRun
     from . import decoder_layers
+    if (id(spec), fold_linear_pairs) in _PROVEN.get(model, ()):  # smoothquant proves before calibrating
+        return
     layers = decoder_layers(model, spec)
     config = getattr(model, "config", None)
     groups = spec.active_groups(config, fold_linear_pairs)
@@ -308,6 +325,8 @@ def prove_table(model: nn.Module, spec: FamilySpec, fold_linear_pairs: bool = Fa
     failures: list[str] = []
 
     def visit(lname, layer, inputs, outputs):
+        if not todo:  # everything proven: the rest of the walk only passes the hidden states on
+            return
         for key, group in list(todo.items()):
             if not group.present(layer):
                 continue
@@ -324,6 +343,8 @@ def prove_table(model: nn.Module, spec: FamilySpec, fold_linear_pairs: bool = Fa
             run.walk(visit)
     finally:
         model.train(was_training)
+    if not failures:
+        _PROVEN.setdefault(model, set()).add((id(spec), fold_linear_pairs))
     if failures:
         raise ValueError(f"family table {spec.name!r}: smoothing is not neutral for {len(failures)} group(s): "
                          f"{'; '.join(failures[:3])}. A group must list every module that reads its source's output "

@@ -98,64 +98,116 @@ def quantize_activation(x: torch.Tensor, activation: str, input_scale: torch.Ten
 
 class _Last:
     """The last dynamic activation quantization of this thread: the input (weakly held), its version
-    counter, the scheme and stream it was quantized for, and the result."""
-    __slots__ = ("ref", "version", "key", "value", "__weakref__")
+    counter, the scheme and stream it was quantized for, the scope it was made in, and the result."""
+    __slots__ = ("ref", "version", "key", "scope", "value", "__weakref__")
 
     def __init__(self):
-        self.ref = self.version = self.key = self.value = None
+        self.clear()
+
+    def clear(self):
+        self.ref = self.version = self.key = self.scope = self.value = None
 
 
-_local = threading.local()
-_sharing = {"enabled": True}
+class _State(threading.local):
+    """Per thread: whether sharing is on, the open scopes (ids, innermost last) and the last quantization."""
+
+    def __init__(self):
+        self.enabled = True
+        self.scopes: list[int] = []
+        self.next_scope = 0
+        self.slot = _Last()
+
+
+_state = _State()
 
 
 def _forget(slot_ref, dead):
     slot = slot_ref()
     if slot is not None and slot.ref is dead:  # the input died: drop its int8 copy with it
-        slot.ref = slot.version = slot.key = slot.value = None
+        slot.clear()
 
 
-def sharing_enabled() -> bool:
-    return _sharing["enabled"]
+def _enter_scope(module, args):
+    """Forward pre-hook of a module whose children include W8A8 linears (self_attn, mlp, ...): a call of
+    it is one scope; quantizations are shared only within the scope they were made in."""
+    if torch.compiler.is_compiling():
+        return
+    _state.next_scope += 1
+    _state.scopes.append(_state.next_scope)
+
+
+def _exit_scope(module, args, output):
+    if torch.compiler.is_compiling():
+        return
+    if _state.scopes:
+        scope = _state.scopes.pop()
+        if _state.slot.scope == scope:  # what this call quantized is not reused by anyone after it
+            _state.slot.clear()
+
+
+def install_sharing_scopes(parents) -> None:
+    """Make each module of ``parents`` (the modules that call W8A8 linears) a sharing scope, once."""
+    for parent in parents:
+        if not getattr(parent, "_sq_sharing_scope", False):
+            parent.register_forward_pre_hook(_enter_scope)
+            parent.register_forward_hook(_exit_scope, always_call=True)
+            parent._sq_sharing_scope = True
+
+
+@contextmanager
+def sharing_scope():
+    """A sharing scope around a block (what a call of a module given to ``install_sharing_scopes`` is): for
+    W8A8 linears called directly, outside a model."""
+    _enter_scope(None, ())
+    try:
+        yield
+    finally:
+        _exit_scope(None, (), None)
 
 
 @contextmanager
 def shared_activation_quantization(enabled: bool):
     """Turn the reuse of one input's quantization by the linears that read it (q/k/v, gate/up) on or off
-    within a block; on by default. Off, every linear quantizes its input itself (the results are the
-    same bitwise either way; this is for measuring and debugging)."""
+    within a block, in this thread; on by default. Off, every linear quantizes its input itself (the
+    results are the same bitwise either way; this is for measuring and debugging)."""
     if not isinstance(enabled, bool):
         raise ValueError(f"shared_activation_quantization: enabled must be True or False, got {enabled!r}")
-    before = _sharing["enabled"]
-    _sharing["enabled"] = enabled
+    before = _state.enabled
+    _state.enabled = enabled
     try:
         yield
     finally:
-        _sharing["enabled"] = before
+        _state.enabled = before
 
 
 def quantize_activation_shared(x: torch.Tensor, activation: str, input_scale: torch.Tensor | None):
     """``quantize_activation``, reusing the result when this very tensor (the same object, not modified
-    since: same version counter) was just quantized the same way on the same stream. q/k/v read one norm
-    output, gate/up another: each is then quantized once instead of three and two times, bitwise the same.
+    since: same version counter) was just quantized the same way on the same stream within the same call
+    of the module that runs both linears (a sharing scope: ``install_sharing_scopes``). q/k/v read one norm
+    output inside one attention call, gate/up another inside one MLP call: each is then quantized once
+    instead of three and two times, bitwise the same.
 
-    Only dynamic schemes are shared (a static scale belongs to one linear). Not shared: under
-    ``torch.compile`` (the trace stays a plain graph), for inference-mode tensors (they have no version
-    counter, so a change in place could not be seen), when turned off. The int8 copy is held only while
-    the input lives (a weak reference's callback drops it)."""
-    if (activation == "static" or not _sharing["enabled"] or torch.compiler.is_compiling() or x.is_inference()):
+    Only dynamic schemes are shared (a static scale belongs to one linear). Not shared: outside a scope
+    (a W8A8Linear called on its own), under ``torch.compile`` (the trace stays a plain graph), for
+    inference-mode tensors (no version counter), when turned off. The scope is what makes writes the
+    version counter cannot see harmless (``x.data.mul_``, a kernel writing into a reused buffer): none
+    happens between two linears of one attention or MLP call. The int8 copy is dropped when the scope
+    ends or the input dies."""
+    if activation == "static" or torch.compiler.is_compiling():
         return quantize_activation(x, activation, input_scale)
-    slot = getattr(_local, "slot", None)
-    if slot is None:
-        slot = _local.slot = _Last()
+    state = _state
+    if not state.enabled or not state.scopes or x.is_inference():
+        return quantize_activation(x, activation, input_scale)
+    slot, scope = state.slot, state.scopes[-1]
     stream = torch.cuda.current_stream(x.device).cuda_stream if x.is_cuda else None
     key = (activation, stream)
     version = x._version
-    if slot.ref is not None and slot.ref() is x and slot.version == version and slot.key == key:
+    if (slot.ref is not None and slot.scope == scope and slot.ref() is x and slot.version == version
+            and slot.key == key):
         return slot.value
     value = quantize_activation(x, activation, input_scale)
     slot.ref = weakref.ref(x, lambda dead, s=weakref.ref(slot): _forget(s, dead))
-    slot.version, slot.key, slot.value = version, key, value
+    slot.version, slot.key, slot.scope, slot.value = version, key, scope, value
     return value
 
 

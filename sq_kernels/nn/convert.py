@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from ..config import Scheme, SmoothQuantConfig, pattern_matches
-from ._quant import FLOAT_DTYPES, check_finite, static_scale
+from ._quant import FLOAT_DTYPES, check_finite, install_sharing_scopes, static_scale
 from .experts import W8A8Experts, fused_experts_problem
 from .linear import W8A8Linear, check_linear_shape, linear_forward_problem
 
@@ -255,6 +255,8 @@ def _install(root: nn.Module, name: str, module: nn.Module, prefix: str) -> None
     if isinstance(old, nn.Module) and old is not module:
         carry_over_hooks(old, module)
     setattr(parent, child, module)
+    if isinstance(module, W8A8Linear):  # a call of the parent (self_attn, mlp) may share one quantized input
+        install_sharing_scopes([parent])
 
 
 def install_entry(root: nn.Module, entry: PlanEntry, module: nn.Module, prefix: str = "") -> None:

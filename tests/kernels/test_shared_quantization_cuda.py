@@ -11,7 +11,7 @@ import torch
 
 import sq_kernels
 import sq_kernels as sq
-from sq_kernels.nn import shared_activation_quantization
+from sq_kernels.nn import shared_activation_quantization, sharing_scope
 
 pytestmark = pytest.mark.skipif(
     not (torch.cuda.is_available() and sq_kernels.has_cuda_kernels()),
@@ -65,7 +65,7 @@ def test_another_stream_quantizes_again():
     lin = [sq.W8A8Linear.from_linear(torch.nn.Linear(64, 32)).cuda() for _ in range(2)]
     x = torch.randn(8, 64, device="cuda", dtype=torch.float16)
     side = torch.cuda.Stream()
-    with torch.no_grad():
+    with torch.no_grad(), sharing_scope():
         def run():
             lin[0](x)
             side.wait_stream(torch.cuda.current_stream())
@@ -74,3 +74,24 @@ def test_another_stream_quantizes_again():
             torch.cuda.current_stream().wait_stream(side)
         assert _quantize_calls(run) == 2
         assert _quantize_calls(lambda: (lin[0](x), lin[1](x))) == 1
+
+
+def test_two_captures_of_one_input_do_not_share():
+    # each capture is its own forward, so its own scopes: the second graph quantizes for itself
+    model = _quantized()
+    x = calib_tokens(2, 16, seed=3).cuda()
+    graphs, outs = [], []
+    with torch.no_grad():
+        for _ in range(2):
+            model(x)
+        for _ in range(2):
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                outs.append(model(x).logits)
+            graphs.append(g)
+        x.copy_(calib_tokens(2, 16, seed=5).cuda())
+        for g in graphs:
+            g.replay()
+        torch.cuda.synchronize()
+        want = model(x).logits
+    assert torch.equal(outs[0], want) and torch.equal(outs[1], want)

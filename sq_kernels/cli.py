@@ -85,15 +85,16 @@ def _check_data_file(path: str | None, flag: str) -> None:
         raise ValueError(f"{flag} {path}: no such file")
     if not p.is_file():
         raise ValueError(f"{flag} {path} is not a file")
-    with open(p, "rb") as f:
-        head = f.read(1 << 20)
-    if not head.strip() and len(head) < (1 << 20):  # a longer file may hold text further on: reading decides
-        raise ValueError(f"{flag} {path} holds no text" + (" (it is empty)" if not head else ""))
+    from .calibration import TEXT_BLOCK_BYTES, _text_blocks
+    blocks = _text_blocks(p)  # the calibration's own reader: UTF-8, a byte-order mark dropped
     try:
-        head.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        if exc.start < len(head) - 4:  # not just a character cut at the end of the block read
-            raise ValueError(f"{flag} {path} is not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+        first = next(blocks, "")
+    except ValueError as exc:  # not UTF-8: names the byte
+        raise ValueError(f"{flag} {exc}") from None
+    finally:
+        blocks.close()
+    if not first.strip() and p.stat().st_size <= TEXT_BLOCK_BYTES:  # a longer file may hold text further on
+        raise ValueError(f"{flag} {path} holds no text" + (" (it is empty)" if not first else ""))
 
 
 def _model_kind(path: str | None) -> str | None:

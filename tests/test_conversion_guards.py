@@ -131,6 +131,22 @@ def test_linear_subclass_with_its_own_forward_stays_float():
         assert _rel(ref, model(x)) < 0.05  # a plain W8A8Linear in place of _Scaled was off by ~100 %
 
 
+def test_a_linear_with_a_forward_set_on_the_instance_stays_float():
+    model = make_model("llama")
+    q_proj = model.model.layers[0].self_attn.q_proj
+    calls = []
+
+    def wrapped(x, _orig=q_proj.forward):  # as accelerate's add_hook_to_module installs its hooks
+        calls.append(1)
+        return _orig(x)
+    q_proj.forward = wrapped
+    with pytest.warns(UserWarning, match="forward is replaced on the instance"):
+        report = sq.quantize_(model, _cfg())
+    assert model.model.layers[0].self_attn.q_proj is q_proj and "model.layers.0.self_attn.q_proj" in report.kept
+    model(calib_tokens(1, 8))
+    assert calls  # the hook still runs
+
+
 def test_from_linear_refuses_a_subclass_with_its_own_forward():
     with pytest.raises(ValueError, match="layer.a: _Scaled is an nn.Linear subclass with its own forward.*"
                                          "FalconLinear"):

@@ -188,7 +188,9 @@ def test_experts_match_transformers(weight, activation):
     def observe(e, h):  # each expert's down_proj input, as calibration sees it
         down_amax[e] = torch.maximum(down_amax[e], h.abs().max())
     assert torch.equal(experts_forward_float(experts, x, index, weights, observe), ref)
-    q = W8A8Experts.from_experts(experts, weight, activation, input_amax=x.abs().max(), down_input_amax=down_amax)
+    static = activation == "static"
+    q = W8A8Experts.from_experts(experts, weight, activation, input_amax=x.abs().max() if static else None,
+                                 down_input_amax=down_amax if static else None)
     y = q(x, index, weights)
     assert y.shape == ref.shape and y.dtype == ref.dtype
     assert sqnr(ref, y) > 25.0
@@ -212,6 +214,8 @@ def test_experts_errors():
         W8A8Experts.from_experts(experts)
     with pytest.raises(ValueError, match="input_amax and down_input_amax"):
         W8A8Experts.from_experts(_experts(), activation="static")
+    with pytest.raises(ValueError, match="pass them only with activation='static'"):
+        W8A8Experts.from_experts(_experts(), activation="per_token", input_amax=1.0, down_input_amax=torch.ones(4))
     with pytest.raises(ValueError, match="fused experts"):
         W8A8Experts.from_experts(nn.Linear(64, 64))
 

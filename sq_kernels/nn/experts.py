@@ -110,6 +110,9 @@ class W8A8Experts(KeepFloat32Buffers, nn.Module):
         e, two_i, h = experts.gate_up_proj.shape
         if activation == "static" and (input_amax is None or down_input_amax is None):
             raise ValueError(f"{name}: activation='static' needs input_amax and down_input_amax from calibration")
+        if activation != "static" and (input_amax is not None or down_input_amax is not None):
+            raise ValueError(f"{name}: input_amax / down_input_amax set static scales, and activation={activation!r} "
+                             f"computes its scales from each input: pass them only with activation='static'")
         module = cls(e, h, two_i // 2, experts.act_fn, weight, activation, device=experts.gate_up_proj.device)
         module.train(experts.training)
         for attr in ("gate_up_proj", "down_proj"):

@@ -50,6 +50,9 @@ def linear_forward_problem(linear: nn.Linear) -> str | None:
     """Why W8A8Linear (``x W^T + b``) would not compute what ``linear``'s forward computes: a subclass of
     ``nn.Linear`` that overrides ``forward`` and is not in ``EQUIVALENT_LINEARS`` (None when it would)."""
     cls = type(linear)
+    if "forward" in vars(linear):  # set on the instance: accelerate's hooks, a user's wrapper
+        return ("its forward is replaced on the instance (an accelerate hook or a wrapper), which a W8A8Linear in "
+                "its place would drop")
     if cls.forward is nn.Linear.forward or f"{cls.__module__}.{cls.__qualname__}" in EQUIVALENT_LINEARS:
         return None
     return (f"{cls.__name__} is an nn.Linear subclass with its own forward, which W8A8Linear (x W^T + b) "

@@ -27,7 +27,7 @@ from .calibration import (ActStats, calibration_batches, check_in_memory, check_
                           check_stats_source, collect_act_stats)
 from .checkpoint import guard_hf_saving
 from .config import SmoothQuantConfig, as_config, pattern_matches
-from .families import FamilySpec, UnsupportedModelError, family_of
+from .families import UnsupportedModelError, family_of, is_user_table
 from .nn import W8A8Experts, W8A8Linear
 from .nn.convert import (PartialConversionError, build_modules, check_dtypes, check_sources, convert_in_place,
                          plan_conversion, swap_modules, warn_kept)
@@ -64,11 +64,6 @@ class ConversionReport:
         if self.smoothing is not None:
             lines.append(str(self.smoothing))
         return "\n".join(lines)
-
-
-def _registered_by_user(spec) -> bool:
-    from .smooth import _is_registered_by_user
-    return _is_registered_by_user(spec)
 
 
 def _family_or_none(model, config: SmoothQuantConfig):
@@ -303,7 +298,7 @@ def smoothquant(model: nn.Module, data=None, config: SmoothQuantConfig | None = 
         reason = spec.refusal(getattr(model, "config", None))
         if reason:
             raise ValueError(f"{spec.name}: cannot smooth this model: {reason}")
-        if isinstance(config.family, FamilySpec) or _registered_by_user(spec):  # proven before calibrating, not after
+        if is_user_table(spec, config.family):  # proven before calibrating, not after
             from .families.auto import prove_table
             prove_table(model, spec, config.fold_linear_pairs)
     # What would be converted is known before any calibration: a pattern that matches nothing fails now,

@@ -28,6 +28,7 @@ import json
 import os
 import re
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path, PureWindowsPath
 
 import torch
@@ -688,7 +689,10 @@ def load_quantized(path, device=None, verify: bool = True, *, dtype=None, attn_i
             if digest and _sha256_file(f) != digest:
                 raise CheckpointError(f"{f} is corrupt: its SHA-256 differs from the one recorded when it was saved")
     for f, _ in files:  # one header read each: an edited table is named as such, before the model is built from it
-        _check_table_digest(_file_metadata(f), f, meta, path)
+        file_meta = _file_metadata(f)
+        if file_meta.get("format") != FORMAT:
+            raise CheckpointError(f"{f} is not an sq_kernels weights file (format={file_meta.get('format')!r})")
+        _check_table_digest(file_meta, f, meta, path)
     config_edited = _config_digest(path / "config.json") != meta["config_sha256"]
     model = _build_skeleton(path, meta, attn_implementation, compute_buffers=config_edited)
     expected_state = model.state_dict(keep_vars=True)
@@ -697,9 +701,7 @@ def load_quantized(path, device=None, verify: bool = True, *, dtype=None, attn_i
     kept_float32 = _kept_float32(model) | non_persistent
     tensors, origin = {}, {}
     for weights, _ in files:  # shard by shard, each tensor straight to the device
-        file_meta = _read_weights_file(weights, device, dtype, kept_float32, tensors, origin)
-        if file_meta.get("format") != FORMAT:
-            raise CheckpointError(f"{weights} is not an sq_kernels weights file (format={file_meta.get('format')!r})")
+        _read_weights_file(weights, device, dtype, kept_float32, tensors, origin)
     weights = files[0][0] if len(files) == 1 else path
     expected = (set(expected_state) | non_persistent) - set(aliases)
     missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
@@ -740,39 +742,37 @@ def load_quantized(path, device=None, verify: bool = True, *, dtype=None, attn_i
     return finish_loading(model, path, dtype, weights)
 
 
-def _read_weights_file(weights: Path, device, dtype, kept_float32: set[str], tensors: dict, origin: dict) -> dict:
-    """Read every tensor of one weights file into ``tensors`` (cast to ``dtype`` as read, except
-    ``kept_float32``); ``origin`` records each key's file, so a key in two shards is refused. Returns the
-    file's metadata."""
+@contextmanager
+def _open_weights(weights: Path, device: str = "cpu"):
+    """``safe_open`` on a weights file, a damaged or unreadable one a CheckpointError naming it."""
     from safetensors import SafetensorError, safe_open
     try:
-        with safe_open(str(weights), framework="pt", device="cpu" if device.type == "cpu" else str(device)) as f:
-            file_meta = f.metadata() or {}
-            for k in f.keys():
-                if k in origin:
-                    raise CheckpointError(f"{k} is stored twice, in {origin[k]} and {weights.name}")
-                origin[k] = weights.name
-            shard = {k: f.get_tensor(k) for k in f.keys()}
-        if dtype is not None:  # one tensor at a time: never two copies of the shard
-            cast_floats_(shard, dtype, kept_float32)
-        tensors.update(shard)
+        with safe_open(str(weights), framework="pt", device=device) as f:
+            yield f
     except SafetensorError as exc:  # a damaged header or truncated data; anything else is not the file's fault
         raise CheckpointError(f"{weights} is corrupt or truncated: {exc}") from None
     except OSError as exc:
         raise CheckpointError(f"{weights} could not be read: {exc}") from None
-    return file_meta
+
+
+def _read_weights_file(weights: Path, device, dtype, kept_float32: set[str], tensors: dict, origin: dict) -> None:
+    """Read every tensor of one weights file into ``tensors`` (cast to ``dtype`` as read, except
+    ``kept_float32``); ``origin`` records each key's file, so a key in two shards is refused."""
+    with _open_weights(weights, "cpu" if device.type == "cpu" else str(device)) as f:
+        for k in f.keys():
+            if k in origin:
+                raise CheckpointError(f"{k} is stored twice, in {origin[k]} and {weights.name}")
+            origin[k] = weights.name
+        shard = {k: f.get_tensor(k) for k in f.keys()}
+    if dtype is not None:  # one tensor at a time: never two copies of the shard
+        cast_floats_(shard, dtype, kept_float32)
+    tensors.update(shard)
 
 
 def _file_metadata(weights: Path) -> dict:
     """The safetensors metadata of a weights file (its header only)."""
-    from safetensors import SafetensorError, safe_open
-    try:
-        with safe_open(str(weights), framework="pt", device="cpu") as f:
-            return f.metadata() or {}
-    except SafetensorError as exc:
-        raise CheckpointError(f"{weights} is corrupt or truncated: {exc}") from None
-    except OSError as exc:
-        raise CheckpointError(f"{weights} could not be read: {exc}") from None
+    with _open_weights(weights) as f:
+        return f.metadata() or {}
 
 
 def _rebuild_edited_buffers(tensors: dict, non_persistent: set[str], model_buffers: dict, path: Path) -> None:

@@ -131,9 +131,8 @@ def _check_plot_file(path: str | None, flag: str, overwrite: bool = False) -> No
     if path is None:
         return
     _check_writable_file(path, flag, overwrite)
-    from .plots import PLOT_SUFFIXES, require_matplotlib
-    if Path(path).suffix.lower() not in PLOT_SUFFIXES:
-        raise ValueError(f"{flag} {path}: the file name must end in one of {', '.join(PLOT_SUFFIXES)}")
+    from .plots import check_plot_path, require_matplotlib
+    check_plot_path(path, flag)
     try:
         require_matplotlib(flag)
     except ImportError as exc:

@@ -26,7 +26,7 @@ def check_plot_path(path, what: str = "plot") -> Path:
     """``path`` as a Path, after checking that matplotlib can write it (suffix) and its folder exists."""
     p = Path(path)
     if p.suffix.lower() not in PLOT_SUFFIXES:
-        raise ValueError(f"{what}: {str(path)!r} must end in one of {', '.join(PLOT_SUFFIXES)}")
+        raise ValueError(f"{what} {path}: the file name must end in one of {', '.join(PLOT_SUFFIXES)}")
     if not p.parent.is_dir():
         raise ValueError(f"{what}: the folder of {str(path)!r} does not exist")
     if p.is_dir():

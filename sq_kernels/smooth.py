@@ -31,7 +31,7 @@ from .calibration import (ActStats, _layerwise_runner, calibration_batches, chec
                           check_stats_match_smoothing, check_stats_source, check_token_ids, is_smoothed, model_device,
                           run_model)
 from .config import SmoothQuantConfig, as_config, check_alpha
-from .families import FamilySpec, decoder_layers, family_of, get_submodule
+from .families import FamilySpec, decoder_layers, family_of, get_submodule, is_user_table
 from .layerwise import LayerwiseRun, hidden_out
 
 W_FLOOR = 1e-5
@@ -210,11 +210,6 @@ def fold_(layer: nn.Module, plan: GroupPlan, s: torch.Tensor) -> None:
         t.copy_((t.to(torch.float32) * s.to(t.device)).to(t.dtype))
 
 
-def _is_registered_by_user(spec: FamilySpec) -> bool:
-    from .families import _USER
-    return any(spec is registered for registered in _USER.values())
-
-
 def _resolve_alpha(config: SmoothQuantConfig, spec: FamilySpec):
     alpha = config.alpha
     if alpha is None:
@@ -241,7 +236,7 @@ def smooth_(model, stats: ActStats, config: SmoothQuantConfig | None = None, dat
     config = as_config(config, "smooth_")
     check_in_memory(model, "smooth_")
     spec = family_of(model, config.family, pairs=config.fold_linear_pairs)
-    user_table = isinstance(config.family, FamilySpec) or _is_registered_by_user(spec)
+    user_table = is_user_table(spec, config.family)
     alpha = _resolve_alpha(config, spec)
     plans, skipped = plan_smoothing(model, stats, config, spec)
     if user_table and plans:  # a hand-written table is proven on the model before anything is folded

@@ -160,6 +160,15 @@ def tokenizer():
 
 
 @pytest.fixture
+def model_dir(tmp_path, tokenizer):
+    """A local tiny Llama directory (weights, config and tokenizer), as the CLI reads models."""
+    path = tmp_path / "tiny-llama"
+    make_model("llama").save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
 def text_file(tmp_path):
     path = tmp_path / "calib.txt"
     path.write_text(TEXT, encoding="utf-8")
@@ -181,6 +190,22 @@ def naive_logits(fp, x):
     naive = copy.deepcopy(fp)
     sq.quantize_(naive, sq.SmoothQuantConfig(scheme="O2", smooth=False, progress=False))
     return logits(naive, x)
+
+
+def smoothquant_vs_naive(fp, label: str, capsys):
+    """SmoothQuant a copy of ``fp`` on ``calib_tokens()`` and compare it and naive W8A8 with ``fp`` on other
+    tokens; prints both SQNRs (``label`` names the line). Returns ``(smoothed, report, sq_db, naive_db)``."""
+    import copy
+
+    import sq_kernels as sq
+    x = calib_tokens(4, 32, seed=7)
+    ref = logits(fp, x)
+    smoothed = copy.deepcopy(fp)
+    report = sq.smoothquant(smoothed, calib_tokens(), sq.SmoothQuantConfig(progress=False))
+    sq_db, naive_db = sqnr(ref, logits(smoothed, x)), sqnr(ref, naive_logits(fp, x))
+    with capsys.disabled():
+        print(f"\n[SQNR] {label:8s} SmoothQuant W8A8 {sq_db:6.2f} dB | naive W8A8 {naive_db:6.2f} dB")
+    return smoothed, report, sq_db, naive_db
 
 
 def quantized(family: str = "llama", **cfg):

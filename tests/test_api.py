@@ -10,7 +10,7 @@ import sq_kernels as sq
 from sq_kernels.families import UnsupportedModelError
 from sq_kernels.nn import W8A8Experts, W8A8Linear
 
-from conftest import FAMILIES, calib_tokens, make_model, naive_logits, sqnr
+from conftest import FAMILIES, calib_tokens, make_model, smoothquant_vs_naive, sqnr
 from conftest import logits as _logits
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -26,13 +26,7 @@ def _cfg(**kw):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_smoothquant_beats_naive_w8a8(family, capsys):
     fp = make_model(family)
-    x = calib_tokens(4, 32, seed=7)
-    ref = _logits(fp, x)
-    smoothed = copy.deepcopy(fp)
-    report = sq.smoothquant(smoothed, calib_tokens(), _cfg())
-    sq_db, naive_db = sqnr(ref, _logits(smoothed, x)), sqnr(ref, naive_logits(fp, x))
-    with capsys.disabled():
-        print(f"\n[SQNR] {family:8s} SmoothQuant W8A8 {sq_db:6.2f} dB | naive W8A8 {naive_db:6.2f} dB")
+    smoothed, report, sq_db, naive_db = smoothquant_vs_naive(fp, family, capsys)
     assert sq_db >= SQ_MIN_DB, f"{family}: SmoothQuant {sq_db:.2f} dB < {SQ_MIN_DB}"
     assert sq_db >= naive_db + MARGIN_DB, f"{family}: SmoothQuant {sq_db:.2f} dB vs naive {naive_db:.2f} dB"
     assert report.smoothing is not None and report.converted

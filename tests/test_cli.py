@@ -15,14 +15,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
-def model_dir(tmp_path, tokenizer):
-    path = tmp_path / "tiny-llama"
-    make_model("llama").save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
-@pytest.fixture
 def data_files(tmp_path):
     txt = tmp_path / "calib.txt"
     txt.write_text(TEXT, encoding="utf-8")

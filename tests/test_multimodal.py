@@ -10,7 +10,7 @@ import sq_kernels as sq
 from sq_kernels.families import family_of
 from sq_kernels.nn import W8A8Linear
 
-from conftest import MULTIMODAL, calib_tokens, make_model, naive_logits, sqnr
+from conftest import MULTIMODAL, calib_tokens, make_model, smoothquant_vs_naive, sqnr
 from conftest import logits as _logits
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -46,13 +46,7 @@ def test_language_model_table(family):
 @pytest.mark.parametrize("family", MULTIMODAL)
 def test_smoothquant_beats_naive_and_keeps_the_vision_tower(family, capsys):
     fp = make_model(family)
-    x = calib_tokens(4, 32, seed=7)
-    ref = _logits(fp, x)
-    smoothed = copy.deepcopy(fp)
-    report = sq.smoothquant(smoothed, calib_tokens(), _cfg())
-    sq_db, naive_db = sqnr(ref, _logits(smoothed, x)), sqnr(ref, naive_logits(fp, x))
-    with capsys.disabled():
-        print(f"\n[SQNR] {family:8s} SmoothQuant W8A8 {sq_db:6.2f} dB | naive W8A8 {naive_db:6.2f} dB")
+    smoothed, report, sq_db, naive_db = smoothquant_vs_naive(fp, family, capsys)
     assert sq_db >= 20.0 and sq_db >= naive_db + 10.0
     language = [n for n, m in fp.named_modules() if isinstance(m, torch.nn.Linear) and ".language_model." in n]
     outside = [n for n, m in fp.named_modules() if isinstance(m, torch.nn.Linear)

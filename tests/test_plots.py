@@ -11,7 +11,7 @@ from sq_kernels import plots
 from sq_kernels.cli import main
 from sq_kernels.evaluation import layer_sqnr
 
-from conftest import TEXT, calib_tokens, make_model
+from conftest import calib_tokens, make_model
 
 pytest.importorskip("matplotlib", reason="the plots need matplotlib (pip install matplotlib)")
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -22,21 +22,6 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 def _is_png(path, min_bytes=10_000):
     data = path.read_bytes()
     return data[:8] == PNG_MAGIC and len(data) >= min_bytes
-
-
-@pytest.fixture
-def model_dir(tmp_path, tokenizer):
-    path = tmp_path / "tiny-llama"
-    make_model("llama").save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
-@pytest.fixture
-def calib_txt(tmp_path):
-    txt = tmp_path / "calib.txt"
-    txt.write_text(TEXT, encoding="utf-8")
-    return txt
 
 
 def test_report_vectors_describe_the_smoothing_that_was_done():
@@ -95,16 +80,16 @@ def test_plot_layer_and_kind_parse_module_names():
     assert plots._layer_and_kind("lm_head") == (None, "lm_head")
 
 
-def test_cli_quantize_and_eval_plots(model_dir, calib_txt, tmp_path, capsys):
+def test_cli_quantize_and_eval_plots(model_dir, text_file, tmp_path, capsys):
     out = tmp_path / "q"
     smoothing_png = tmp_path / "smoothing.png"
-    rc = main(["quantize", str(model_dir), str(out), "--data", str(calib_txt), "--num-samples", "4", "--seq-len",
+    rc = main(["quantize", str(model_dir), str(out), "--data", str(text_file), "--num-samples", "4", "--seq-len",
                "64", "--no-progress", "--plot", str(smoothing_png)])
     printed = capsys.readouterr().out
     assert rc == 0, printed
     assert f"plotted the smoothing to {smoothing_png}" in printed and _is_png(smoothing_png)
     sqnr_png = tmp_path / "sqnr.png"
-    rc = main(["eval", str(out), "--reference", str(model_dir), "--sqnr-data", str(calib_txt), "--seq-len", "64",
+    rc = main(["eval", str(out), "--reference", str(model_dir), "--sqnr-data", str(text_file), "--seq-len", "64",
                "--no-progress", "--plot", str(sqnr_png)])
     printed = capsys.readouterr().out
     assert rc == 0, printed
@@ -112,10 +97,10 @@ def test_cli_quantize_and_eval_plots(model_dir, calib_txt, tmp_path, capsys):
 
     # an existing plot is the user's file: refused before any work, unchanged, unless --overwrite
     before = sqnr_png.read_bytes()
-    rc = main(["eval", str(out), "--reference", str(model_dir), "--sqnr-data", str(calib_txt), "--seq-len", "64",
+    rc = main(["eval", str(out), "--reference", str(model_dir), "--sqnr-data", str(text_file), "--seq-len", "64",
                "--no-progress", "--plot", str(sqnr_png)])
     assert rc == 2 and "--plot" in capsys.readouterr().err and sqnr_png.read_bytes() == before
-    rc = main(["eval", str(out), "--reference", str(model_dir), "--sqnr-data", str(calib_txt), "--seq-len", "64",
+    rc = main(["eval", str(out), "--reference", str(model_dir), "--sqnr-data", str(text_file), "--seq-len", "64",
                "--no-progress", "--plot", str(sqnr_png), "--overwrite"])
     assert rc == 0 and _is_png(sqnr_png)
 
@@ -125,22 +110,22 @@ def test_cli_quantize_and_eval_plots(model_dir, calib_txt, tmp_path, capsys):
     (["--plot", "s.png", "--no-smooth"], "--no-smooth smooths nothing"),
     (["--plot", "missing/s.png"], "--plot missing/s.png: the directory .* does not exist"),
 ])
-def test_cli_quantize_plot_errors_come_before_any_work(model_dir, calib_txt, tmp_path, monkeypatch, capsys, extra,
+def test_cli_quantize_plot_errors_come_before_any_work(model_dir, text_file, tmp_path, monkeypatch, capsys, extra,
                                                        message):
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "q"
-    rc = main(["quantize", str(model_dir), str(out), "--data", str(calib_txt), "--no-progress", *extra])
+    rc = main(["quantize", str(model_dir), str(out), "--data", str(text_file), "--no-progress", *extra])
     err = capsys.readouterr().err
     assert rc == 2 and __import__("re").search(message, err), err
     assert not out.exists()
 
 
-def test_cli_eval_plot_needs_the_sqnr_report_and_matplotlib(model_dir, calib_txt, tmp_path, monkeypatch, capsys):
-    rc = main(["eval", str(model_dir), "--ppl", str(calib_txt), "--plot", str(tmp_path / "p.png")])
+def test_cli_eval_plot_needs_the_sqnr_report_and_matplotlib(model_dir, text_file, tmp_path, monkeypatch, capsys):
+    rc = main(["eval", str(model_dir), "--ppl", str(text_file), "--plot", str(tmp_path / "p.png")])
     assert rc == 2 and "pass --reference DIR and --sqnr-data FILE" in capsys.readouterr().err
     for name in ("matplotlib", "matplotlib.figure"):  # as if it were not installed
         monkeypatch.setitem(sys.modules, name, None)
-    rc = main(["eval", str(model_dir), "--reference", str(model_dir), "--sqnr-data", str(calib_txt),
+    rc = main(["eval", str(model_dir), "--reference", str(model_dir), "--sqnr-data", str(text_file),
                "--plot", str(tmp_path / "p.png")])
     assert rc == 2 and "needs matplotlib, which is not installed: pip install matplotlib" in capsys.readouterr().err
     with pytest.raises(ImportError, match="pip install matplotlib"):

@@ -204,6 +204,12 @@ def register_family(spec: FamilySpec) -> None:
         _USER[model_type] = spec
 
 
+def is_user_table(spec: FamilySpec, override=None) -> bool:
+    """Whether ``spec`` is a table of the user's (``family=`` given as a FamilySpec, or registered with
+    ``register_family``), which ``smooth_`` proves on the model before trusting it."""
+    return isinstance(override, FamilySpec) or any(spec is registered for registered in _USER.values())
+
+
 def supported_model_types() -> list[str]:
     return sorted(set(_REGISTRY) | set(_USER))
 

@@ -206,14 +206,36 @@ def _pair_candidates(layer: nn.Module, call) -> list[tuple[str, str]]:
             if linears[a].out_features == linears[b].in_features]
 
 
+def _tolerance(model: nn.Module) -> float:
+    """How far a neutral fold may move a layer's own contribution: float rounding of the model's dtype."""
+    return 1e-4 if next(model.parameters()).dtype == torch.float32 else 2e-2
+
+
+def _walk_probe(model: nn.Module, layers, visit) -> None:
+    """Run ``model`` in eval mode on ``PROBE_TOKENS`` fixed random token ids, calling
+    ``visit(name, layer, inputs, outputs)`` for each decoder layer of ``layers`` (``LayerwiseRun.walk``)."""
+    from ..calibration import model_device, run_model
+    from ..layerwise import LayerwiseRun
+    config = getattr(model, "config", None)
+    text = getattr(config, "text_config", None) or config  # a multimodal model: its language model's config
+    vocab = int(getattr(text, "vocab_size", 2) or 2)
+    tokens = torch.randint(0, vocab, (1, PROBE_TOKENS), generator=torch.Generator().manual_seed(0))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), LayerwiseRun(model, layers, [tokens], model_device(model), run_model) as run:
+            run.walk(visit)
+    finally:
+        model.train(was_training)
+
+
 def infer_family(model: nn.Module, pairs: bool = False) -> FamilySpec:
     """The smoothing table of ``model`` inferred as the module docstring says (cached per model object);
     ``pairs``: infer its linear pairs too (for ``fold_linear_pairs=True``; otherwise none are looked for)."""
     cached = _CACHE.get(model, {})
     if pairs in cached:
         return cached[pairs]
-    from ..calibration import check_in_memory, model_device, run_model
-    from ..layerwise import LayerwiseRun
+    from ..calibration import check_in_memory
     check_in_memory(model, "family='auto'")
     path = find_layers(model)
     root = language_model_root(model, path)
@@ -223,10 +245,7 @@ def infer_family(model: nn.Module, pairs: bool = False) -> FamilySpec:
     width = getattr(text, "hidden_size", None)
     if not isinstance(width, int):
         raise ValueError(f"family='auto': {type(model).__name__} has no config.hidden_size")
-    vocab = int(getattr(text, "vocab_size", 2) or 2)
-    tokens = torch.randint(0, vocab, (1, PROBE_TOKENS), generator=torch.Generator().manual_seed(0))
-    dtype = next(model.parameters()).dtype
-    tolerance = 1e-4 if dtype == torch.float32 else 2e-2
+    tolerance = _tolerance(model)
     per_layer: dict[str, list[SmoothGroup]] = {}
     pairs_per_layer: dict[str, list[SmoothGroup]] = {}
     pair_verdict: dict[tuple[str, str], bool] = {}  # a pair that failed once is not tried again
@@ -256,13 +275,7 @@ def infer_family(model: nn.Module, pairs: bool = False) -> FamilySpec:
                         found.append(pair)
         pairs_per_layer[lname] = found
 
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), LayerwiseRun(model, layers, [tokens], model_device(model), run_model) as run:
-            run.walk(visit)
-    finally:
-        model.train(was_training)
+    _walk_probe(model, layers, visit)
     signatures: dict[tuple, list[str]] = {}
     for lname, groups in per_layer.items():
         for g in groups:
@@ -306,8 +319,6 @@ def prove_table(model: nn.Module, spec: FamilySpec, fold_linear_pairs: bool = Fa
     copy of the first decoder layer it applies to, and the layer's output on a short random prompt must not
     change (float rounding aside). A group that leaves out one of its source's readers fails this: smoothing it
     would change the model. Raises a ValueError naming the group and the error."""
-    from ..calibration import model_device, run_model
-    from ..layerwise import LayerwiseRun
     from . import decoder_layers
     if (id(spec), fold_linear_pairs) in _PROVEN.get(model, ()):  # smoothquant proves before calibrating
         return
@@ -316,11 +327,7 @@ def prove_table(model: nn.Module, spec: FamilySpec, fold_linear_pairs: bool = Fa
     groups = spec.active_groups(config, fold_linear_pairs)
     if not layers or not groups:
         return
-    text = getattr(config, "text_config", None) or config
-    vocab = int(getattr(text, "vocab_size", 2) or 2)
-    tokens = torch.randint(0, vocab, (1, PROBE_TOKENS), generator=torch.Generator().manual_seed(0))
-    dtype = next(model.parameters()).dtype
-    tolerance = 1e-4 if dtype == torch.float32 else 2e-2
+    tolerance = _tolerance(model)
     todo = {(g.source, g.targets): g for g in groups}
     failures: list[str] = []
 
@@ -336,13 +343,7 @@ def prove_table(model: nn.Module, spec: FamilySpec, fold_linear_pairs: bool = Fa
                 failures.append(f"{lname}.{group.source} -> {', '.join(group.targets)} changed the layer's output by "
                                 f"{err:.1e} (relative)")
 
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), LayerwiseRun(model, layers, [tokens], model_device(model), run_model) as run:
-            run.walk(visit)
-    finally:
-        model.train(was_training)
+    _walk_probe(model, layers, visit)
     if not failures:
         _PROVEN.setdefault(model, set()).add((id(spec), fold_linear_pairs))
     if failures:

@@ -141,6 +141,54 @@ def test_int8_mm_long_k_worst_case_is_exact(k):
     assert torch.equal(out.to(torch.int64), int64_matmul(a, w))
 
 
+@pytest.mark.parametrize("m", [1, 16, 17], ids=lambda m: f"M{m}")
+@pytest.mark.parametrize("extremes", [False, True], ids=["random", "pm127_m128"])
+def test_cpu_reference_decode_blocks_and_k_slices_are_exact(m, extremes):
+    # M <= 16 takes the weight in blocks of DECODE_BLOCK_N rows (1040 = 2 full blocks and a partial one),
+    # and K = 2064 is two full float32 slices and a partial one: every block and slice boundary is crossed.
+    assert gemm.DECODE_MAX_M == 16 and gemm.DECODE_BLOCK_N == 512 and gemm.EXACT_FLOAT32_K == 1024
+    g = torch.Generator().manual_seed(m)
+    a = randint8(m, 2064, generator=g, extremes=extremes)
+    w = randint8(1040, 2064, generator=g, extremes=extremes)
+    a[0] = -128
+    w[-1] = -128  # the worst-case row and column: 16384 * 2064 > 2**24, beyond one float32 GEMM
+    out = gemm.int_matmul_reference(a, w)
+    assert out.dtype == torch.int32 and out.shape == (m, 1040)
+    assert int(out[0, -1]) == 16384 * 2064
+    assert torch.equal(out.to(torch.int64), int64_matmul(a, w))
+
+
+def test_cpu_reference_batched_long_k_is_exact():
+    # int8_bmm's reference (P @ V has K = the key length, well beyond one float32 slice).
+    g = torch.Generator().manual_seed(3)
+    a = randint8(2, 5, 2080, generator=g, extremes=True)
+    b = randint8(2, 48, 2080, generator=g, extremes=True)
+    a[1, 2] = -128
+    b[1, 7] = -128
+    out = gemm.int_matmul_reference(a, b)
+    want = torch.stack([int64_matmul(a[i], b[i]) for i in range(2)])
+    assert int(out[1, 2, 7]) == 16384 * 2080
+    assert torch.equal(out.to(torch.int64), want)
+    assert torch.equal(ops.int8_bmm(a, b).to(torch.int64), want)
+
+
+@pytest.mark.parametrize("precision", ["high", "medium"])
+def test_cpu_reference_falls_back_to_float64_when_float32_matmuls_may_be_inexact(precision):
+    # TF32 / bf16 float32 GEMMs would round the sums: the reference must then not use float32 at all.
+    a = torch.full((4, 2048), -128, dtype=torch.int8)
+    w = torch.full((1040, 2048), -127, dtype=torch.int8)
+    w[:, ::3] = 127
+    before = torch.get_float32_matmul_precision()
+    assert gemm._float32_matmul_is_strict(torch.device("cpu")) == (before == "highest")
+    try:
+        torch.set_float32_matmul_precision(precision)
+        assert not gemm._float32_matmul_is_strict(torch.device("cpu"))
+        out = gemm.int_matmul_reference(a, w)
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert torch.equal(out.to(torch.int64), int64_matmul(a, w))
+
+
 # ----------------------------------------------------------------------------------------------
 # The dequantizing epilogue
 # ----------------------------------------------------------------------------------------------

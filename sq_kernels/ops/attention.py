@@ -27,6 +27,7 @@ import math
 import torch
 
 from ._library import define, op
+from .gemm import int_matmul_reference
 
 ALIGN = 16
 MAX_K = 131056  # K * 128 * 128 < 2**31
@@ -117,9 +118,8 @@ def check_out(name: str, out_dtype, out_scale, device, allowed=SCALED_OUT_DTYPES
 
 
 def int_bmm_reference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Exact ``a [batch,M,K] @ b[batch,N,K]^T`` in int32 on any device (float64 holds every partial
-    sum exactly while K * 128 * 128 < 2**53)."""
-    return torch.bmm(a.to(torch.float64), b.to(torch.float64).transpose(1, 2)).to(torch.int32)
+    """Exact ``a [batch,M,K] @ b[batch,N,K]^T`` in int32 on any device (``gemm.int_matmul_reference``)."""
+    return int_matmul_reference(a, b)
 
 
 def finish_reference(acc: torch.Tensor, alpha: torch.Tensor, out_dtype: torch.dtype,

@@ -25,6 +25,7 @@ samples, or a JSON(L) file fewer than ``num_samples`` texts, a ``UserWarning`` s
 from __future__ import annotations
 
 import codecs
+import contextlib
 import io
 import itertools
 import json
@@ -467,8 +468,17 @@ def _chunks(ids: torch.Tensor, seq_len: int, num_samples: int) -> list[torch.Ten
     return [ids[i * seq_len:(i + 1) * seq_len] for i in range(n) if ids[i * seq_len:(i + 1) * seq_len].numel()]
 
 
+# What the "little data" warning says, by what the samples are for (calibration_samples' ``use``).
+DATA_USES = {
+    "calibration": ("calibration data", "--num-samples / --seq-len",
+                    "Statistics from less data may miss activation outliers: give more calibration text"),
+    "sqnr": ("the per-layer SQNR's data", "--sqnr-samples / --seq-len",
+             "The SQNR is then measured on fewer tokens: give more text"),
+}
+
+
 def _warn_little_data(samples: list[torch.Tensor], num_samples: int, seq_len: int, source: str,
-                      per_text: bool = False) -> None:
+                      per_text: bool = False, use: str = "calibration") -> None:
     """Warn when ``samples`` hold fewer samples than asked for, or (for a cut stream) shorter ones."""
     got, tokens = len(samples), sum(int(s.numel()) for s in samples)
     short = not per_text and any(s.numel() < seq_len for s in samples)
@@ -480,9 +490,9 @@ def _warn_little_data(samples: list[torch.Tensor], num_samples: int, seq_len: in
         lengths = sorted({int(s.numel()) for s in samples})
         size = " or ".join(str(n) for n in lengths)
         obtained = f"{got} sample{'s' if got != 1 else ''} x {size} tokens ({tokens} tokens in all)"
-    warnings.warn(f"calibration data {source} gave {obtained}; asked for num_samples={num_samples} x "
-                  f"seq_len={seq_len} (--num-samples / --seq-len). Statistics from less data may miss activation "
-                  f"outliers: give more calibration text, or lower num_samples / seq_len to silence this warning",
+    what, flags, consequence = DATA_USES[use]
+    warnings.warn(f"{what} {source} gave {obtained}; asked for num_samples={num_samples} x seq_len={seq_len} "
+                  f"({flags}). {consequence}, or lower num_samples / seq_len to silence this warning",
                   UserWarning, stacklevel=3)
 
 
@@ -497,12 +507,15 @@ def _is_blank(text: str) -> bool:
     return not text or text.isspace()
 
 
-def calibration_samples(data, tokenizer=None, num_samples: int = 128, seq_len: int = 512) -> list[torch.Tensor]:
+def calibration_samples(data, tokenizer=None, num_samples: int = 128, seq_len: int = 512, *,
+                        use: str = "calibration") -> list[torch.Tensor]:
     """Normalise ``data`` (see the module docstring) into at most ``num_samples`` 1-D LongTensors of at
     most ``seq_len`` tokens each. Warns (``UserWarning``) when a text file or a 1-D token stream gives fewer
     than ``num_samples`` samples of ``seq_len`` tokens, or a JSON(L) file fewer than ``num_samples`` texts.
     Empty and whitespace-only texts are skipped; a file without any other text, and an empty token tensor,
-    are a ValueError."""
+    are a ValueError. ``use`` ("calibration", "sqnr") words the warning for what the samples feed."""
+    if use not in DATA_USES:
+        raise ValueError(f"use must be one of {sorted(DATA_USES)}, got {use!r}")
     num_samples = check_positive_int("num_samples", num_samples)
     seq_len = check_positive_int("seq_len", seq_len)
     source = None  # set for data whose sample count the user does not choose directly (files, streams)
@@ -524,7 +537,7 @@ def calibration_samples(data, tokenizer=None, num_samples: int = 128, seq_len: i
             samples = _chunks(_text_file_tokens(path, tokenizer, num_samples * seq_len), seq_len, num_samples)
             if not samples:
                 raise ValueError(f"data: {str(path)!r} holds no tokens (the tokenizer gave none for its text)")
-            _warn_little_data(samples, num_samples, seq_len, source)
+            _warn_little_data(samples, num_samples, seq_len, source, use=use)
             return samples
     if _is_numpy_array(data):
         data = _token_tensor(data, "data")
@@ -587,7 +600,7 @@ def calibration_samples(data, tokenizer=None, num_samples: int = 128, seq_len: i
         raise ValueError(f"data: {str(path)!r} gave no calibration samples" if path is not None else
                          "data: no calibration samples (empty data, or only empty / whitespace-only texts)")
     if source is not None:
-        _warn_little_data(samples, num_samples, seq_len, source, per_text=per_text)
+        _warn_little_data(samples, num_samples, seq_len, source, per_text=per_text, use=use)
     return samples
 
 
@@ -608,7 +621,7 @@ class _Batches(list):
 
 
 def calibration_batches(data, tokenizer=None, num_samples: int = 128, seq_len: int = 512,
-                        batch_size: int = 1) -> list[torch.Tensor]:
+                        batch_size: int = 1, *, use: str = "calibration") -> list[torch.Tensor]:
     """``calibration_samples`` grouped into ``[b, T]`` batches of consecutive equal-length samples. A list of
     ``[B, T]`` token tensors gives its rows as samples (at most ``num_samples``, cut to ``seq_len``, regrouped
     by ``batch_size``); only this function's own result is passed on unchanged."""
@@ -617,7 +630,7 @@ def calibration_batches(data, tokenizer=None, num_samples: int = 128, seq_len: i
     batch_size = check_positive_int("batch_size", batch_size)
     if isinstance(data, _Batches):
         return data
-    samples = calibration_samples(data, tokenizer, num_samples, seq_len)
+    samples = calibration_samples(data, tokenizer, num_samples, seq_len, use=use)
     batches, current = [], []
     for s in samples:
         if current and (len(current) == batch_size or current[0].numel() != s.numel()):
@@ -698,6 +711,21 @@ def model_device(model) -> torch.device:
     for t in list(model.parameters()) + list(model.buffers()):
         return t.device
     return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def eval_mode(*models: nn.Module):
+    """Every module of ``models`` in eval mode (no dropout) inside the block; afterwards each module gets
+    back its own ``training`` flag (a submodule the user froze in eval mode inside a model in training
+    mode stays so, which ``model.train(was_training)`` would undo)."""
+    flags = [(m, m.training) for model in models for m in model.modules()]
+    try:
+        for model in models:
+            model.eval()
+        yield
+    finally:
+        for m, training in flags:
+            m.training = training
 
 
 def run_model(model, batch: torch.Tensor):
@@ -804,8 +832,8 @@ def collect_act_stats(model, data, tokenizer=None, *, num_samples: int = 128, se
                 obs.update(x)
         return hook
 
-    was_training = model.training
-    model.eval()
+    modes = contextlib.ExitStack()
+    modes.enter_context(eval_mode(model))
     try:
         if runner is not None:  # the layers' calls are recorded before any observer is attached
             runner.__enter__()
@@ -841,7 +869,7 @@ def collect_act_stats(model, data, tokenizer=None, *, num_samples: int = 128, se
                 module.forward = forward
         if runner is not None:
             runner.__exit__()
-        model.train(was_training)
+        modes.close()
     absmax, tokens = {}, {}
     for name, obs in observers.items():
         if obs.amax is not None:

@@ -350,7 +350,7 @@ def cmd_eval(args) -> int:
                          "--sqnr-data FILE")
     if args.sqnr_data and not args.reference:
         raise ValueError("--sqnr-data compares each layer with the floating-point model: pass it as --reference DIR")
-    for name in ("max_windows", "max_samples", "stride", "seq_len"):
+    for name in ("max_windows", "max_samples", "stride", "seq_len", "sqnr_samples"):
         if getattr(args, name) is not None:
             check_positive_int(name, getattr(args, name))
     _check_writable_file(args.json, "--json", args.overwrite)
@@ -396,7 +396,8 @@ def cmd_eval(args) -> int:
                                                                            max_samples=args.max_samples,
                                                                            progress=progress)
     if reference is not None and args.sqnr_data:
-        report = ev.layer_sqnr(reference, model, sqnr_data, tokenizer, seq_len=args.seq_len, progress=progress)
+        report = ev.layer_sqnr(reference, model, sqnr_data, tokenizer, num_samples=args.sqnr_samples,
+                               seq_len=args.seq_len, progress=progress)
         results["layer_sqnr_db"] = report
         print(ev.format_sqnr_table(report))
         if args.plot:
@@ -697,6 +698,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ppl", help="local text file for perplexity")
     p.add_argument("--lambada", help="local JSONL file ({'text': ...} per line) for last-word accuracy")
     p.add_argument("--sqnr-data", help="local text file for the per-layer SQNR report (needs --reference)")
+    p.add_argument("--sqnr-samples", type=int, default=8,
+                   help="samples of --seq-len tokens the per-layer SQNR is measured on (default 8)")
     p.add_argument("--text-field", help=TEXT_FIELD_HELP)
     p.add_argument("--seq-len", type=int, default=512, help="tokens per window / sample (default 512)")
     p.add_argument("--stride", type=int, help="sliding-window stride for perplexity (default: seq-len)")

@@ -257,7 +257,14 @@ def _alpha_grid(value) -> tuple[float, ...]:
         if isinstance(a, bool) or not isinstance(a, numbers.Real):
             raise ValueError(f"alpha_grid must be {expected}, got the element {a!r} in {value!r}")
         check_alpha(float(a), "every alpha_grid value")
-    return tuple(float(a) for a in grid)
+    return tuple(dict.fromkeys(float(a) for a in grid))  # a repeated value is tried once
+
+
+def alpha_key(alpha: float) -> str:
+    """An alpha as a report key: ``f"{alpha:g}"`` ("0.5"), or its repr where that would round it
+    (0.123456789), so that two grid values never share a key."""
+    short = f"{float(alpha):g}"
+    return short if float(short) == float(alpha) else repr(float(alpha))
 
 
 def _check_local(key, value) -> None:

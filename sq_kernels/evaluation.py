@@ -9,13 +9,15 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .calibration import (_encode, _is_id_list, _is_numpy_array, _token_tensor, calibration_batches, check_positions,
-                          check_positive_int, check_token_ids, is_json_file, model_device, read_text_file, read_texts)
+from .calibration import (_LAST_SPACE, _encode, _is_blank, _is_id_list, _is_numpy_array, _text_file_tokens,
+                          _token_tensor, calibration_batches, check_positions, check_positive_int, check_token_ids,
+                          eval_mode, is_json_file, model_device, read_text_file, read_texts)
 
 
 def sqnr(ref: torch.Tensor, test: torch.Tensor) -> float:
@@ -39,15 +41,34 @@ def _progress(iterable, enabled, **kwargs):
 DOCUMENT_SEPARATOR = "\n\n"  # between the texts of a list or a JSON(L) file, as in the WikiText evaluations
 
 
-def _token_stream(data, tokenizer) -> torch.Tensor:
-    """One token stream from a 1-D token tensor / numpy array / list of ints, a list of texts, or a local file:
-    a text file as it is (all of it), a .jsonl / .json file's texts (as calibration reads them) joined by a
-    blank line."""
+def _joined_texts(texts: list[str], where: str) -> str:
+    """Non-blank ``texts`` joined by a blank line (an empty text would only add separators to score)."""
+    kept = [t for t in texts if not _is_blank(t)]
+    if not kept:
+        held = (f"its {len(texts)} text{'s are' if len(texts) != 1 else ' is'} empty or whitespace only" if texts
+                else "no texts")
+        raise ValueError(f"data: {where} holds no text ({held})")
+    return DOCUMENT_SEPARATOR.join(kept)
+
+
+def _token_stream(data, tokenizer, needed: int | None = None) -> torch.Tensor:
+    """One token stream from a 1-D token tensor / numpy array / list of ints (or a ``[1, T]`` one), a list of
+    texts, or a local file: a text file as it is, a .jsonl / .json file's texts (as calibration reads them)
+    joined by a blank line. Empty and whitespace-only texts are left out; with no text left it is an error.
+    ``needed``: a text file is read only until this many tokens (``perplexity(max_windows=...)``)."""
     if isinstance(data, torch.Tensor) or _is_numpy_array(data):
-        return _token_tensor(data, "data").reshape(-1).long()
+        ids = _token_tensor(data, "data")
+        if ids.dim() == 2 and ids.shape[0] == 1:
+            ids = ids[0]
+        if ids.dim() != 1:
+            raise ValueError(f"data: expected one token stream, a 1-D tensor (or [1, T]), got shape "
+                             f"{tuple(ids.shape)}: the rows of a [B, T] batch would be scored as one stream, padding "
+                             f"included; pass the texts as a list of strings (joined by a blank line) or concatenate "
+                             f"the rows yourself")
+        return ids.long()
     if isinstance(data, (list, tuple)):
         if data and all(isinstance(t, str) for t in data):
-            return _encode(tokenizer, DOCUMENT_SEPARATOR.join(data))
+            return _encode(tokenizer, _joined_texts(list(data), "the list of texts"))
         if data and _is_id_list(data):  # ints, numpy integers too
             return _token_tensor(data, "data").long()
         raise ValueError("data: a list must hold texts (strings, scored as one text joined by blank lines) or token "
@@ -60,11 +81,13 @@ def _token_stream(data, tokenizer) -> torch.Tensor:
         raise ValueError(f"data: {str(path)!r} is not a file (pass a local text / .jsonl / .json file, a list of "
                          f"strings or a 1-D token tensor)")
     if is_json_file(path):
-        texts = read_texts(path)
-        if not texts:
-            raise ValueError(f"data: {str(path)!r} holds no texts")
-        return _encode(tokenizer, DOCUMENT_SEPARATOR.join(texts))
-    return _encode(tokenizer, read_text_file(path))
+        return _encode(tokenizer, _joined_texts(read_texts(path), repr(str(path))))
+    if needed is not None:  # only the start of the file: read and tokenized piece by piece, as calibration does
+        return _text_file_tokens(path, tokenizer, needed)
+    text = read_text_file(path)
+    if _is_blank(text):
+        raise ValueError(f"data: {str(path)!r} holds no text (the file is empty or holds only whitespace)")
+    return _encode(tokenizer, text)
 
 
 def _windows(n_tokens: int, seq_len: int, stride: int) -> list[tuple[int, int]]:
@@ -89,9 +112,11 @@ def perplexity(model: nn.Module, data, tokenizer=None, *, seq_len: int = 512, st
     default ``stride = seq_len`` (disjoint windows, as in the SmoothQuant and GPTQ WikiText evaluations)
     the first token of every window is context only; with ``stride < seq_len`` every token but the
     text's first is scored, later windows giving ``seq_len - stride`` tokens of extra context.
-    ``max_windows`` (>= 1) evaluates only the first windows. ``seq_len`` may not exceed the positions a
-    model with learned position embeddings has (OPT: max_position_embeddings).
-    Returns ``exp(mean negative log-likelihood)``.
+    ``max_windows`` (>= 1) evaluates only the first windows; a text file is then read and tokenized only
+    as far as they reach (in pieces cut after a newline, as calibration reads it). ``seq_len`` may not exceed
+    the positions a model with learned position embeddings has (OPT: max_position_embeddings). The model
+    runs in eval mode (no dropout); each module's mode is restored afterwards.
+    Returns ``exp(mean negative log-likelihood)`` (``inf``, with a warning, when that overflows a float).
     """
     seq_len = check_positive_int("seq_len", seq_len, minimum=2)
     stride = seq_len if stride is None else check_positive_int("stride", stride)
@@ -100,7 +125,8 @@ def perplexity(model: nn.Module, data, tokenizer=None, *, seq_len: int = 512, st
                          f"would skip tokens")
     if max_windows is not None:
         max_windows = check_positive_int("max_windows", max_windows)
-    ids = _token_stream(data, tokenizer)
+    needed = None if max_windows is None else (max_windows - 1) * stride + seq_len
+    ids = _token_stream(data, tokenizer, needed)
     if ids.numel() < 2:
         raise ValueError("perplexity needs at least 2 tokens")
     check_token_ids(model, ids, positions=False)
@@ -110,18 +136,24 @@ def perplexity(model: nn.Module, data, tokenizer=None, *, seq_len: int = 512, st
     if max_windows is not None:
         windows = windows[:max_windows]
     nll, count, scored_to = 0.0, 0, 1
-    for begin, end in _progress(windows, progress, desc="perplexity", unit="window"):
-        lo = max(scored_to, begin + 1)
-        if lo >= end:
-            continue
-        window = ids[begin:end].unsqueeze(0).to(device)
-        logits = model(input_ids=window, use_cache=False).logits[0].float()
-        targets = ids[lo:end].to(device)
-        logp = torch.log_softmax(logits[lo - 1 - begin:end - 1 - begin], dim=-1)
-        nll -= float(logp.gather(-1, targets.unsqueeze(-1)).sum())
-        count += targets.numel()
-        scored_to = end
-    return math.exp(nll / count)
+    with eval_mode(model):
+        for begin, end in _progress(windows, progress, desc="perplexity", unit="window"):
+            lo = max(scored_to, begin + 1)
+            if lo >= end:
+                continue
+            window = ids[begin:end].unsqueeze(0).to(device)
+            logits = model(input_ids=window, use_cache=False).logits[0].float()
+            targets = ids[lo:end].to(device)
+            logp = torch.log_softmax(logits[lo - 1 - begin:end - 1 - begin], dim=-1)
+            nll -= float(logp.gather(-1, targets.unsqueeze(-1)).sum())
+            count += targets.numel()
+            scored_to = end
+    try:
+        return math.exp(nll / count)
+    except OverflowError:  # a broken model: report it as infinite rather than fail at the end of the run
+        warnings.warn(f"perplexity: the mean negative log-likelihood is {nll / count:.4g} nats per token; "
+                      f"exp() of it overflows a float, reported as inf", UserWarning, stacklevel=2)
+        return math.inf
 
 
 def _encode_target(tokenizer, text: str) -> torch.Tensor:
@@ -137,7 +169,8 @@ def _encode_target(tokenizer, text: str) -> torch.Tensor:
 def _context_and_target(tokenizer, text: str, i: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids of a text's context (everything before its last word) and of the last word."""
     text = text.strip()
-    cut = text.rfind(" ")
+    space = _LAST_SPACE.search(text)  # the last whitespace of any kind (a newline, a tab)
+    cut = space.start() if space else -1
     if cut <= 0:
         raise ValueError(f"text {i} has no context before its last word: {text[:60]!r}")
     context = _encode(tokenizer, text[:cut])
@@ -195,10 +228,11 @@ def last_token_accuracy(model: nn.Module, data, tokenizer, *, max_samples: int |
                     remedy="shorter texts avoid this")
     device = model_device(model)
     correct = 0
-    for ids, n_context, target in _progress(problems, progress, desc="last-word accuracy", unit="text"):
-        logits = model(input_ids=ids.to(device), use_cache=False).logits[0]
-        predicted = logits[n_context - 1:ids.shape[1] - 1].argmax(dim=-1).cpu()
-        correct += bool(torch.equal(predicted, target))
+    with eval_mode(model):
+        for ids, n_context, target in _progress(problems, progress, desc="last-word accuracy", unit="text"):
+            logits = model(input_ids=ids.to(device), use_cache=False).logits[0]
+            predicted = logits[n_context - 1:ids.shape[1] - 1].argmax(dim=-1).cpu()
+            correct += bool(torch.equal(predicted, target))
     return correct / len(texts)
 
 
@@ -245,7 +279,7 @@ def layer_sqnr(fp_model: nn.Module, q_model: nn.Module, data, tokenizer=None, *,
             raise ValueError(f"layer_sqnr: module {n!r} has {_describe_shape(fp_shape)} in the reference (fp_model, "
                              f"--reference) but {_describe_shape(q_shape)} in the quantized model: the reference "
                              f"must be the floating-point model that was quantized")
-    batches = calibration_batches(data, tokenizer, num_samples, seq_len, 1)
+    batches = calibration_batches(data, tokenizer, num_samples, seq_len, 1, use="sqnr")
     for batch in batches:
         check_token_ids(fp_model, batch, positions=False)
         check_token_ids(q_model, batch, positions=False)
@@ -266,17 +300,19 @@ def layer_sqnr(fp_model: nn.Module, q_model: nn.Module, data, tokenizer=None, *,
         handles.append(fp_modules[n].register_forward_hook(capture(fp_out, n)))
         handles.append(q_modules[n].register_forward_hook(capture(q_out, n)))
     try:
-        for batch in _progress(batches, progress, desc="layer SQNR", unit="batch"):
-            fp_out["logits"] = fp_model(input_ids=batch.to(model_device(fp_model)), use_cache=False).logits
-            q_out["logits"] = q_model(input_ids=batch.to(model_device(q_model)), use_cache=False).logits
-            for n in signal:
-                if fp_out[n].shape != q_out[n].shape:
-                    raise ValueError(f"layer_sqnr: the output of {n!r} has shape {tuple(fp_out[n].shape)} in the "
-                                     f"reference (fp_model, --reference) but {tuple(q_out[n].shape)} in the quantized "
-                                     f"model: the reference must be the floating-point model that was quantized")
-                ref, test = fp_out[n].double(), q_out[n].to(fp_out[n].device).double()
-                signal[n] += float((ref * ref).sum())
-                noise[n] += float(((ref - test) ** 2).sum())
+        with eval_mode(fp_model, q_model):
+            for batch in _progress(batches, progress, desc="layer SQNR", unit="batch"):
+                fp_out["logits"] = fp_model(input_ids=batch.to(model_device(fp_model)), use_cache=False).logits
+                q_out["logits"] = q_model(input_ids=batch.to(model_device(q_model)), use_cache=False).logits
+                for n in signal:
+                    if fp_out[n].shape != q_out[n].shape:
+                        raise ValueError(f"layer_sqnr: the output of {n!r} has shape {tuple(fp_out[n].shape)} in "
+                                         f"the reference (fp_model, --reference) but {tuple(q_out[n].shape)} in the "
+                                         f"quantized model: the reference must be the floating-point model that was "
+                                         f"quantized")
+                    ref, test = fp_out[n].double(), q_out[n].to(fp_out[n].device).double()
+                    signal[n] += float((ref * ref).sum())
+                    noise[n] += float(((ref - test) ** 2).sum())
     finally:
         for h in handles:
             h.remove()

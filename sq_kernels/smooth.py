@@ -28,9 +28,9 @@ import torch
 from torch import nn
 
 from .calibration import (ActStats, _layerwise_runner, calibration_batches, check_in_memory,
-                          check_stats_match_smoothing, check_stats_source, check_token_ids, is_smoothed, model_device,
-                          run_model)
-from .config import SmoothQuantConfig, as_config, check_alpha
+                          check_stats_match_smoothing, check_stats_source, check_token_ids, eval_mode, is_smoothed,
+                          model_device, run_model)
+from .config import SmoothQuantConfig, alpha_key, as_config, check_alpha
 from .families import FamilySpec, decoder_layers, family_of, get_submodule, is_user_table
 from .layerwise import LayerwiseRun, hidden_out
 
@@ -338,22 +338,16 @@ def search_alpha(model, stats: ActStats, config: SmoothQuantConfig, spec: Family
         layer_plans = by_layer.get(lname, [])
         if not layer_plans:
             return
-        losses[lname] = {}
-        for alpha in config.alpha_grid:
-            loss = _trial_loss(layer, lname, layer_plans, alpha, stats, config, spec, inputs, fp_out)
-            losses[lname][f"{alpha:g}"] = loss
-        finite = {a: l for a, l in losses[lname].items() if math.isfinite(l)}
+        trials = [(float(alpha), _trial_loss(layer, lname, layer_plans, alpha, stats, config, spec, inputs, fp_out))
+                  for alpha in config.alpha_grid]
+        losses[lname] = {alpha_key(alpha): loss for alpha, loss in trials}
+        finite = [(loss, alpha) for alpha, loss in trials if math.isfinite(loss)]
         if not finite:
             raise ValueError(f"alpha search: every candidate alpha gives a non-finite error on {lname}")
-        alphas[lname] = float(min(finite, key=lambda a: finite[a]))
+        alphas[lname] = min(finite, key=lambda t: t[0])[1]  # the grid's own value; the first of equal losses
 
     runner = _layerwise_runner(model, batches, config.calibration_device, spec, "alpha search") or \
         LayerwiseRun(model, layers, batches, model_device(model), run_model)
-    was_training = model.training
-    model.eval()
-    try:
-        with runner:  # every layer gets its own recorded arguments (Gemma 2/3: sliding vs global layers)
-            runner.walk(visit, progress=config.progress, desc="alpha search")
-    finally:
-        model.train(was_training)
+    with eval_mode(model), runner:  # every layer gets its own recorded arguments (Gemma 2/3: sliding vs global)
+        runner.walk(visit, progress=config.progress, desc="alpha search")
     return alphas, losses

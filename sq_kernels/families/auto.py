@@ -214,19 +214,15 @@ def _tolerance(model: nn.Module) -> float:
 def _walk_probe(model: nn.Module, layers, visit) -> None:
     """Run ``model`` in eval mode on ``PROBE_TOKENS`` fixed random token ids, calling
     ``visit(name, layer, inputs, outputs)`` for each decoder layer of ``layers`` (``LayerwiseRun.walk``)."""
-    from ..calibration import model_device, run_model
+    from ..calibration import eval_mode, model_device, run_model
     from ..layerwise import LayerwiseRun
     config = getattr(model, "config", None)
     text = getattr(config, "text_config", None) or config  # a multimodal model: its language model's config
     vocab = int(getattr(text, "vocab_size", 2) or 2)
     tokens = torch.randint(0, vocab, (1, PROBE_TOKENS), generator=torch.Generator().manual_seed(0))
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), LayerwiseRun(model, layers, [tokens], model_device(model), run_model) as run:
+    with torch.no_grad(), eval_mode(model):
+        with LayerwiseRun(model, layers, [tokens], model_device(model), run_model) as run:
             run.walk(visit)
-    finally:
-        model.train(was_training)
 
 
 def infer_family(model: nn.Module, pairs: bool = False) -> FamilySpec:

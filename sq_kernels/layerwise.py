@@ -131,7 +131,7 @@ class LayerwiseRun:
         if self._shell is not None:
             self._shell.restore()
             self._shell = None
-        self.calls, self.inputs = [], []
+        self.calls, self.inputs, self.template = [], [], None
 
     @contextlib.contextmanager
     def _stubbed(self, make_stub):
@@ -181,9 +181,10 @@ class LayerwiseRun:
         """Step 2: each layer on its device in turn, on every batch. ``visit(name, layer, inputs, outputs)``
         (optional) runs while the layer is on the device, with ``inputs`` the per-batch ``(args, kwargs)``
         calls and ``outputs`` the layer's hidden-state outputs. Returns the last layer's outputs."""
-        if not self.calls:
+        if not self.calls or not self.inputs:  # a second walk records the calls again (the first released them)
+            self.calls, self.inputs = [], []
             self.record()
-        hidden = self.inputs
+        hidden, self.inputs = self.inputs, []  # released after layer 0: two sets of hidden states at a time
         iterator = self.layers
         if progress:
             from tqdm.auto import tqdm
@@ -202,6 +203,7 @@ class LayerwiseRun:
             finally:
                 moved.restore()
             hidden = outputs
+            del inputs, outputs  # the layer's inputs go before the next layer's are built
         return hidden
 
     # ----------------------------------------------------------------------------------------- tail

@@ -16,6 +16,7 @@ import weakref
 from contextlib import contextmanager
 
 import torch
+from torch import nn
 
 from .. import ops
 from ..ops.quant import EPS
@@ -109,11 +110,12 @@ class _Last:
 
 
 class _State(threading.local):
-    """Per thread: whether sharing is on, the open scopes (ids, innermost last) and the last quantization."""
+    """Per thread: whether sharing is on, the open scopes (``(id, owner)``, innermost last; the owner is the
+    module whose call it is) and the last quantization."""
 
     def __init__(self):
         self.enabled = True
-        self.scopes: list[int] = []
+        self.scopes: list[tuple[int, object]] = []
         self.next_scope = 0
         self.slot = _Last()
 
@@ -127,22 +129,37 @@ def _forget(slot_ref, dead):
         slot.clear()
 
 
+def _close_scopes(depth: int) -> None:
+    """Close the open scopes from ``depth`` up; what they quantized is not reused by anyone after them."""
+    closed = {scope for scope, _ in _state.scopes[depth:]}
+    del _state.scopes[depth:]
+    if _state.slot.scope in closed:
+        _state.slot.clear()
+
+
 def _enter_scope(module, args):
     """Forward pre-hook of a module whose children include W8A8 linears (self_attn, mlp, ...): a call of
-    it is one scope; quantizations are shared only within the scope they were made in."""
+    it is one scope; quantizations are shared only within the scope they were made in. A module already
+    open cannot be inside its own call: its scope and those above it were left open by an interrupted
+    call (KeyboardInterrupt skips forward hooks) and are closed first."""
     if torch.compiler.is_compiling():
         return
+    for depth, (_, owner) in enumerate(_state.scopes):
+        if owner is module:
+            _close_scopes(depth)
+            break
     _state.next_scope += 1
-    _state.scopes.append(_state.next_scope)
+    _state.scopes.append((_state.next_scope, module))
 
 
 def _exit_scope(module, args, output):
+    """Forward hook (always called, on exceptions too): close this call's scope and any left open above it."""
     if torch.compiler.is_compiling():
         return
-    if _state.scopes:
-        scope = _state.scopes.pop()
-        if _state.slot.scope == scope:  # what this call quantized is not reused by anyone after it
-            _state.slot.clear()
+    for depth in range(len(_state.scopes) - 1, -1, -1):
+        if _state.scopes[depth][1] is module:
+            _close_scopes(depth)
+            return
 
 
 def install_sharing_scopes(parents) -> None:
@@ -158,11 +175,12 @@ def install_sharing_scopes(parents) -> None:
 def sharing_scope():
     """A sharing scope around a block (what a call of a module given to ``install_sharing_scopes`` is): for
     W8A8 linears called directly, outside a model."""
-    _enter_scope(None, ())
+    owner = object()  # this block's own scope
+    _enter_scope(owner, ())
     try:
         yield
     finally:
-        _exit_scope(None, (), None)
+        _exit_scope(owner, (), None)
 
 
 @contextmanager
@@ -180,7 +198,8 @@ def shared_activation_quantization(enabled: bool):
         _state.enabled = before
 
 
-def quantize_activation_shared(x: torch.Tensor, activation: str, input_scale: torch.Tensor | None):
+def quantize_activation_shared(x: torch.Tensor, activation: str, input_scale: torch.Tensor | None,
+                               module: nn.Module | None = None):
     """``quantize_activation``, reusing the result when this very tensor (the same object, not modified
     since: same version counter) was just quantized the same way on the same stream within the same call
     of the module that runs both linears (a sharing scope: ``install_sharing_scopes``). q/k/v read one norm
@@ -192,13 +211,18 @@ def quantize_activation_shared(x: torch.Tensor, activation: str, input_scale: to
     inference-mode tensors (no version counter), when turned off. The scope is what makes writes the
     version counter cannot see harmless (``x.data.mul_``, a kernel writing into a reused buffer): none
     happens between two linears of one attention or MLP call. The int8 copy is dropped when the scope
-    ends or the input dies."""
+    ends or the input dies. ``module``: the calling linear; it shares only inside a call of its own parent
+    (or a ``sharing_scope()`` block), never in a scope an interrupted call left open elsewhere."""
     if activation == "static" or torch.compiler.is_compiling():
         return quantize_activation(x, activation, input_scale)
     state = _state
     if not state.enabled or not state.scopes or x.is_inference():
         return quantize_activation(x, activation, input_scale)
-    slot, scope = state.slot, state.scopes[-1]
+    scope, owner = state.scopes[-1]
+    if module is not None and isinstance(owner, nn.Module) and not any(
+            child is module for child in owner._modules.values()):
+        return quantize_activation(x, activation, input_scale)
+    slot = state.slot
     stream = torch.cuda.current_stream(x.device).cuda_stream if x.is_cuda else None
     key = (activation, stream)
     version = x._version
@@ -238,15 +262,46 @@ def check_input(name: str, x, in_features: int) -> None:
 
 
 class KeepFloat32Buffers:
-    """Mixin: ``model.half()`` / ``.to(dtype)`` move the scale and bias buffers to the new device but keep
-    them float32 (the ops take float32 scales; a round trip through fp16 would also change them)."""
+    """Mixin of the W8A8 modules, which keep their dtypes whatever is done to the model:
+
+    - ``model.half()`` / ``.to(dtype)`` / ``.type(dtype)`` move the buffers to the new device but keep the
+      int8 weights int8 and the scale and bias buffers float32 (the ops take float32 scales; a round trip
+      through fp16 would also change them);
+    - ``load_state_dict`` refuses a floating-point tensor for an int8 weight (copying it would round a float
+      weight to all-zero int8, silently), and an integer one for a scale; with ``assign=True`` the scales
+      and bias are converted to float32."""
     FLOAT32_BUFFERS: tuple[str, ...] = ()
+    INT8_BUFFERS: tuple[str, ...] = ()
 
     def _apply(self, fn, recurse=True):
-        kept = {n: self._buffers[n] for n in self.FLOAT32_BUFFERS if self._buffers.get(n) is not None}
+        kept = {n: (self._buffers[n], dtype) for names, dtype in ((self.FLOAT32_BUFFERS, torch.float32),
+                                                                   (self.INT8_BUFFERS, torch.int8))
+                for n in names if self._buffers.get(n) is not None}
         super()._apply(fn, recurse)
-        for name, original in kept.items():
+        for name, (original, dtype) in kept.items():
             moved = self._buffers[name]
-            if moved.dtype != torch.float32:
+            if moved.dtype != dtype:
                 self._buffers[name] = original.to(device=moved.device)
         return self
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        kind, refused = type(self).__name__, False
+        for names, wanted, ok in ((self.INT8_BUFFERS, "an int8", lambda t: t.dtype == torch.int8),
+                                  (self.FLOAT32_BUFFERS, "a floating-point", lambda t: t.is_floating_point())):
+            for name in names:
+                t = state_dict.get(prefix + name)
+                if isinstance(t, torch.Tensor) and self._buffers.get(name) is not None and not ok(t):
+                    refused = True
+                    error_msgs.append(f"{prefix + name}: {kind} needs {wanted} tensor here, the state dict has "
+                                      f"{t.dtype}" + (" (a floating-point model's weights are quantized with "
+                                                      "sq_kernels.quantize_ or W8A8Linear.from_linear, not loaded "
+                                                      "into W8A8 modules)" if wanted == "an int8" else ""))
+        if refused:
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        for name in self.FLOAT32_BUFFERS:  # assign=True puts the state dict's own tensors in place
+            t = self._buffers.get(name)
+            if t is not None and t.dtype != torch.float32:
+                self._buffers[name] = t.to(torch.float32)

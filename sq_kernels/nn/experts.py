@@ -14,13 +14,15 @@ H and I must be multiples of 16.
 from __future__ import annotations
 
 import numbers
+import warnings
 
 import torch
 from torch import nn
 
 from ..config import ACTIVATION_SCHEMES, WEIGHT_GRANULARITIES
 from ..ops._library import no_backward_through
-from ._quant import ALIGN, KeepFloat32Buffers, int8_linear, quantize_activation, quantize_weight, static_scale
+from ._quant import (ALIGN, KeepFloat32Buffers, check_input, int8_linear, quantize_activation, quantize_weight,
+                     static_scale)
 
 
 def fused_experts_problem(module) -> str | None:
@@ -68,9 +70,39 @@ def experts_forward_float(module, hidden_states, top_k_index, top_k_weights, obs
     return final
 
 
+def _static_amaxes(input_amax, down_input_amax, num_experts: int, name: str):
+    """The static scheme's calibrated maxima, checked: ``input_amax`` one number (the MoE input), and
+    ``down_input_amax`` one per expert. An expert no calibration token was routed to has a maximum of 0; its
+    scale would crush every token routed to it later to ~0 output: it takes the largest other expert's, with
+    a warning."""
+    amax = torch.as_tensor(input_amax, dtype=torch.float32).detach()
+    if amax.numel() != 1:
+        raise ValueError(f"{name}: input_amax must be a number or a 1-element tensor (the MoE input's |x| maximum, "
+                         f"shared by all experts), got {amax.numel()} elements")
+    down = torch.as_tensor(down_input_amax, dtype=torch.float32).detach().reshape(-1)
+    if down.numel() != num_experts:
+        raise ValueError(f"{name}: down_input_amax must have {num_experts} elements (one per expert), got "
+                         f"{down.numel()}")
+    unseen = (down == 0).nonzero().flatten().tolist()
+    if unseen and torch.isfinite(down).all():
+        if len(unseen) == num_experts:
+            raise ValueError(f"{name}: down_input_amax is 0 for every expert: no calibration token reached any "
+                             f"expert (the calibration did not run through this MoE block)")
+        fallback = down.max()
+        warnings.warn(f"{name}: expert{'s' if len(unseen) > 1 else ''} {unseen} got no calibration tokens "
+                      f"(down_input_amax 0); a static scale from 0 would crush every token later routed there to "
+                      f"~0 output, so {'they take' if len(unseen) > 1 else 'it takes'} the largest other expert's "
+                      f"maximum ({float(fallback):.4g}). "
+                      f"Calibrate on more text to measure them, or use a dynamic activation scheme",
+                      UserWarning, stacklevel=3)
+        down = torch.where(down == 0, fallback, down)
+    return amax, down
+
+
 class W8A8Experts(KeepFloat32Buffers, nn.Module):
     """INT8 fused MoE experts (see the module docstring for the layout)."""
     FLOAT32_BUFFERS = ("gate_up_proj_scale", "down_proj_scale", "gate_up_input_scale", "down_input_scale")
+    INT8_BUFFERS = ("gate_up_proj", "down_proj")
 
     def __init__(self, num_experts: int, hidden_dim: int, intermediate_dim: int, act_fn: nn.Module,
                  weight: str = "per_channel", activation: str = "per_token", device=None):
@@ -113,6 +145,8 @@ class W8A8Experts(KeepFloat32Buffers, nn.Module):
         if activation != "static" and (input_amax is not None or down_input_amax is not None):
             raise ValueError(f"{name}: input_amax / down_input_amax set static scales, and activation={activation!r} "
                              f"computes its scales from each input: pass them only with activation='static'")
+        if activation == "static":
+            input_amax, down_input_amax = _static_amaxes(input_amax, down_input_amax, e, name)
         module = cls(e, h, two_i // 2, experts.act_fn, weight, activation, device=experts.gate_up_proj.device)
         module.train(experts.training)
         for attr in ("gate_up_proj", "down_proj"):
@@ -123,12 +157,11 @@ class W8A8Experts(KeepFloat32Buffers, nn.Module):
             scale = static_scale(input_amax, f"{name} input_amax")
             module.gate_up_input_scale.copy_(scale.to(module.gate_up_input_scale.device))
             down = static_scale(down_input_amax, f"{name} down_input_amax")
-            if down.numel() != e:
-                raise ValueError(f"{name}: down_input_amax must have {e} elements (one per expert), got {down.numel()}")
             module.down_input_scale.copy_(down.to(module.down_input_scale.device))
         return module
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        check_input("W8A8Experts", hidden_states, self.hidden_dim)
         dtype = hidden_states.dtype
         final = torch.zeros_like(hidden_states)
         x_q, x_scale = quantize_activation(hidden_states, self.activation, self.gate_up_input_scale)

@@ -72,6 +72,7 @@ class W8A8Linear(KeepFloat32Buffers, nn.Module):
         device: where the (zero-initialised) buffers live; ``"meta"`` for loading.
     """
     FLOAT32_BUFFERS = ("weight_scale", "bias", "input_scale")
+    INT8_BUFFERS = ("weight",)
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, weight: str = "per_channel",
                  activation: str = "per_token", device=None):
@@ -125,8 +126,11 @@ class W8A8Linear(KeepFloat32Buffers, nn.Module):
         if linear.weight.is_meta:
             raise ValueError(f"{name}: the linear's weight is on the meta device (not loaded); load its weights "
                              f"before quantizing it")
-        module = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, weight=weight,
-                     activation=activation, device=linear.weight.device)
+        try:
+            module = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, weight=weight,
+                         activation=activation, device=linear.weight.device)
+        except ValueError as exc:  # the constructor's reason, with the module it is about
+            raise ValueError(f"{name}: {exc}") from None
         module.train(linear.training)
         w_q, w_scale = quantize_weight(linear.weight, weight, f"{name}.weight")
         module.weight.copy_(w_q)
@@ -141,7 +145,7 @@ class W8A8Linear(KeepFloat32Buffers, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input("W8A8Linear", x, self.in_features)
-        x_q, x_scale = quantize_activation_shared(x, self.activation, self.input_scale)
+        x_q, x_scale = quantize_activation_shared(x, self.activation, self.input_scale, self)
         out = int8_linear(x_q, x_scale, self.weight, self.weight_scale, self.bias, x.dtype)
         return no_backward_through(out, x, "W8A8Linear")
 

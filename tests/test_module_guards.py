@@ -1,7 +1,6 @@
 """The W8A8 modules and the layer-by-layer runner under conditions a user creates without meaning to: an
 expert calibration never reached, a floating-point state dict loaded into W8A8 modules, ``.type(half)``,
 Ctrl-C in the middle of a forward, wrong inputs to the experts, a second walk over the layers."""
-import warnings
 
 import pytest
 import torch

@@ -149,6 +149,12 @@ def _require_conversions(model: nn.Module, plan, what: str) -> None:
                          f"experts) only, so nothing would be converted")
     if not plan.kept:
         raise ValueError(f"{what}: {type(model).__name__} has no nn.Linear (or fused MoE experts) module to convert")
+    done = [e.name for e in plan.kept if e.kind == "quantized"]
+    if done:
+        others = len(plan.kept) - len(done)
+        raise ValueError(f"{what}: {type(model).__name__} is already quantized: {len(done)} module(s) are W8A8 "
+                         f"(e.g. {done[0]}) and nothing is left to convert"
+                         + (f" ({others} other candidate(s) stay in floating point by the rules)" if others else ""))
     reasons: dict[str, list[str]] = {}
     for e in plan.kept:
         reasons.setdefault(e.reason, []).append(e.name)
@@ -173,6 +179,17 @@ def _warn_unmatched_patterns(model: nn.Module, config: SmoothQuantConfig, plan, 
             warnings.warn(f"{rule} pattern {pattern!r} matches no module of {type(model).__name__}, so its rule does "
                           f"nothing (module names look like {example!r}; a pattern matches the full name (fnmatch), "
                           f"its end after a dot, or a class name)", UserWarning, stacklevel=stacklevel)
+    for pattern, value in config.local.items():  # a scheme rule whose every module stays in floating point anyway
+        if value == "fp":
+            continue
+        hit = [e for e in plan.entries if any(pattern_matches(pattern, n, e.module) for n in [e.name] + e.aliases)]
+        if hit and all(e.scheme is None and e.kind != "quantized" for e in hit):
+            why = "; ".join(f"{e.name}: " + ("not an nn.Linear or fused experts module, so it cannot be quantized"
+                                             if e.kind == "other" else e.reason) for e in hit[:3])
+            warnings.warn(f"set_local({pattern!r}, ...) gives a scheme, but every module it matches stays in floating "
+                          f"point for another reason, so the rule does nothing ({why}"
+                          f"{f'; and {len(hit) - 3} more' if len(hit) > 3 else ''})", UserWarning,
+                          stacklevel=stacklevel)
 
 
 def _nothing_converted(exc: Exception) -> Exception:
@@ -258,8 +275,11 @@ def _quantize(model: nn.Module, config: SmoothQuantConfig | None, stats: ActStat
                 guard_hf_saving(model)
             raise
     notes = _untie(model, plan, tied, tied_head)
-    report = ConversionReport({e.name: str(e.scheme) for e in plan.converted},
-                              {e.name: e.reason for e in plan.kept}, config=config.to_dict(),
+    # modules an earlier call converted (resuming after a PartialConversionError) are converted, with their scheme
+    converted = {e.name: str(e.scheme) if e.scheme is not None else e.module.scheme() for e in plan.entries
+                 if e.scheme is not None or e.kind == "quantized"}
+    report = ConversionReport(converted, {e.name: e.reason for e in plan.kept if e.kind != "quantized"},
+                              config=config.to_dict(),
                               shared={a: e.name for e in plan.entries for a in e.aliases}, notes=notes)
     if "sq_partial_conversion" in getattr(model, "__dict__", {}):  # this call finished what an earlier one left
         del model.sq_partial_conversion

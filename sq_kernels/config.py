@@ -124,7 +124,10 @@ class SmoothQuantConfig:
         if not isinstance(self.local, dict):
             raise ValueError(f"local must be a dict {{pattern: 'fp' or {{'weight': ..., 'activation': ...}}}} "
                              f"(fill it with set_local), got {type(self.local).__name__} {self.local!r}")
-        self.local = dict(self.local)  # set_local must not write into a dict the caller passed in
+        # this config's own copy of the dict and of each rule (set_local must not write into a dict the caller
+        # passed in, nor an edit of theirs change this config); a Scheme value becomes its dict, as set_local's
+        self.local = {k: (dataclasses.asdict(v) if isinstance(v, Scheme) else dict(v) if isinstance(v, dict) else v)
+                      for k, v in self.local.items()}
         if self.alpha is not None and not (isinstance(self.alpha, str) and self.alpha == "auto"):
             check_alpha(self.alpha)
             self.alpha = float(self.alpha)  # a numpy scalar becomes a float (the config is saved as JSON)
@@ -186,7 +189,7 @@ class SmoothQuantConfig:
             scheme = dataclasses.asdict(scheme)
         _check_local(pattern, scheme)
         self.local.pop(pattern, None)  # a pattern set again moves to the end: the last rule set wins
-        self.local[pattern] = scheme
+        self.local[pattern] = scheme if scheme == FP else dict(scheme)  # the caller's dict stays theirs
         return self
 
     def resolve(self, name: str, module) -> Scheme | str:
@@ -217,11 +220,15 @@ class SmoothQuantConfig:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "family"}
         out["include"], out["exclude"] = list(self.include), list(self.exclude)
         out["alpha_grid"] = list(self.alpha_grid)
+        out["local"] = {k: v if v == FP else dict(v) for k, v in self.local.items()}  # a copy, not this config's
         out["family"] = self.family if self.family == "auto" else getattr(self.family, "name", None)
         return out
 
     @classmethod
     def from_dict(cls, data: dict) -> "SmoothQuantConfig":
+        if not isinstance(data, dict):
+            raise ValueError(f"SmoothQuantConfig.from_dict: data must be a dict (what to_dict returns, or its JSON "
+                             f"read back), got {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -275,7 +282,10 @@ def _check_local(key, value) -> None:
     if not isinstance(value, dict) or not value or set(value) - {"weight", "activation"}:
         raise ValueError(f"set_local({key!r}): the value must be 'fp' or a dict with 'weight' and/or "
                          f"'activation', got {value!r}")
-    Scheme(value.get("weight", "per_channel"), value.get("activation", "per_token"))
+    try:
+        Scheme(value.get("weight", "per_channel"), value.get("activation", "per_token"))
+    except ValueError as exc:
+        raise ValueError(f"set_local({key!r}): {exc}") from None
 
 
 def pattern_matches(pattern: str, name: str, module=None) -> bool:

@@ -4,10 +4,13 @@ function checks for it first (``require_matplotlib``) so a CLI run can fail befo
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from pathlib import Path
 
 import torch
+
+TOP_DB = 200.0  # where an exact module's SQNR (inf) is drawn
 
 PLOT_SUFFIXES = (".png", ".pdf", ".svg")
 
@@ -62,6 +65,8 @@ def plot_smoothing(report, path, *, groups: list[str] | None = None, top: int = 
             raise ValueError(f"plot_smoothing: top must be an int >= 0, got {top!r}")
         groups = sorted(names, key=lambda n: _outlier_ratio(vectors[n]["act"]), reverse=True)[:top]
     else:
+        if isinstance(groups, str):  # one group's name, not its characters
+            groups = [groups]
         unknown = [g for g in groups if g not in vectors]
         if unknown:
             raise ValueError(f"plot_smoothing: unknown groups {unknown}; the report has {names[:6]}"
@@ -127,10 +132,22 @@ def plot_layer_sqnr(report: dict[str, float] | dict[str, dict[str, float]], path
         raise ValueError("plot_layer_sqnr: report must be a non-empty dict from layer_sqnr")
     reports = report if all(isinstance(v, dict) for v in report.values()) else {"": report}
     for label, rep in reports.items():
-        bad = [k for k, v in rep.items() if not isinstance(v, (int, float))]
+        bad = [k for k, v in rep.items() if isinstance(v, bool) or not isinstance(v, numbers.Real)]
         if bad or not rep:
             raise ValueError(f"plot_layer_sqnr: report {label!r} must map module names to SQNR in dB; "
                              f"got non-numbers for {bad[:4]}" if bad else f"plot_layer_sqnr: report {label!r} is empty")
+    reports = {label: {k: float(v) for k, v in rep.items()} for label, rep in reports.items()}  # numpy floats too
+    # an exact module (inf) plots at the top, not off the chart; a NaN or -inf one (a layer that overflowed: the
+    # one to look at) at the bottom, marked with a red x, and counted in the title
+    finite = [v for rep in reports.values() for v in rep.values() if math.isfinite(v)]
+    floor = (min(finite) if finite else 0.0) - 5.0
+    broken = []
+
+    def shown(name, db):
+        if math.isnan(db) or db == -math.inf:
+            broken.append(name)
+            return floor
+        return min(db, TOP_DB)
     fig = Figure(figsize=(13, 5))
     ax = fig.subplots()
     colours = rcParams["axes.prop_cycle"].by_key()["color"]
@@ -151,20 +168,25 @@ def plot_layer_sqnr(report: dict[str, float] | dict[str, dict[str, float]], path
         for ki, (kind, points) in enumerate(kinds.items()):
             points.sort()
             xs = [p[0] for p in points]
-            ys = [min(p[1], 200.0) for p in points]  # an exact layer (inf) plots at the top, not off the chart
+            ys = [shown(kind, p[1]) for p in points]
             ax.plot(xs, ys, marker=markers[ki % len(markers)], ms=4, lw=1, alpha=0.85,
                     color=colours[(ki if len(reports) == 1 else ri) % len(colours)],
                     label=f"{label} {kind}".strip())
+            bad = [(x, y) for x, y, (_, db) in zip(xs, ys, points) if not (math.isfinite(db) or db > 0)]
+            if bad:
+                ax.plot([b[0] for b in bad], [b[1] for b in bad], marker="x", ms=9, mew=2, ls="none", color="red")
         for name, db in loose:
-            ax.plot([last_layer + 1], [min(db, 200.0)], marker="*", ms=10, ls="none",
-                    color=colours[ri % len(colours)], label=f"{label} {name}".strip())
+            ax.plot([last_layer + 1], [shown(name, db)], marker="*" if math.isfinite(db) or db > 0 else "x", ms=10,
+                    ls="none", color=colours[ri % len(colours)], label=f"{label} {name}".strip())
         if "logits" in rep:
-            ax.axhline(min(rep["logits"], 200.0), ls="--", color=colours[ri % len(colours)],
+            ax.axhline(shown("logits", rep["logits"]), ls="--", color=colours[ri % len(colours)],
                        label=f"{label} logits ({rep['logits']:.1f} dB)".strip())
     ax.set_xlabel("decoder layer")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("SQNR (dB), higher is better")
-    ax.set_title(title or "per-layer SQNR of the quantized model against the floating-point one")
+    ax.set_title((title or "per-layer SQNR of the quantized model against the floating-point one")
+                 + (f"\n{len(broken)} value(s) NaN or -inf (non-finite output), drawn at the bottom as red x"
+                    if broken else ""))
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     fig.tight_layout()

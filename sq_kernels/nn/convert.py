@@ -114,14 +114,21 @@ def plan_conversion(root: nn.Module, config: SmoothQuantConfig, stats=None, spec
     keep = family_keep_fp(spec)
     direct = weight_read_directly(root)
     missing = []
-    for name, module, kind, aliases in candidates(root, prefix):
+    found = list(candidates(root, prefix))
+    overriding = _rules_aimed_at_keep_fp(config, [n for name, _, _, aliases in found for n in [name] + aliases], keep)
+    for name, module, kind, aliases in found:
+        if module is root and kind != "quantized":
+            raise ValueError(f"the model itself is a {type(module).__name__}: quantize_ replaces submodules in place "
+                             f"and cannot replace the object you hold; wrap it (nn.Sequential(module)) or build the "
+                             f"quantized module with W8A8Linear.from_linear / W8A8Experts.from_experts")
         if kind == "quantized":
             plan.entries.append(PlanEntry(name, module, kind, None, "already quantized", aliases))
             continue
         resolved = _resolve_all(config, [name] + aliases, module)
         if isinstance(resolved, Scheme):
             for pattern, why in keep:
-                if any(fnmatch.fnmatchcase(n, pattern) and not _explicitly_local(config, n) for n in [name] + aliases):
+                if any(fnmatch.fnmatchcase(n, pattern) and not any(pattern_matches(k, n) for k in overriding)
+                       for n in [name] + aliases):
                     resolved = f"kept in floating point: {why}"
         warn = False
         if isinstance(resolved, Scheme) and kind == "linear":
@@ -168,10 +175,20 @@ def _resolve_all(config: SmoothQuantConfig, names: list[str], module) -> Scheme 
     return first
 
 
-def _explicitly_local(config: SmoothQuantConfig, name: str) -> bool:
-    """A set_local rule with a scheme that names this module (by name pattern, with the rule of
-    ``pattern_matches``, not by class name) overrides the family's keep-FP list."""
-    return any(v != "fp" and pattern_matches(k, name) for k, v in config.local.items())
+def _rules_aimed_at_keep_fp(config: SmoothQuantConfig, names: list[str], keep) -> list[str]:
+    """The set_local scheme rules that override the family's keep-FP list: those aimed at it, whose pattern
+    (by name, with the rule of ``pattern_matches``; not a class name) matches only modules the family keeps in
+    floating point (``"multi_modal_projector.*"``). A broad rule (``"*"``, ``"*.self_attn.*"``) that also
+    matches ordinary modules does not reach into the list: it would quantize a vision tower that text-only
+    calibration never runs."""
+    aimed = []
+    for pattern, value in config.local.items():
+        if value == "fp":
+            continue
+        matched = [n for n in names if pattern_matches(pattern, n)]
+        if matched and all(any(fnmatch.fnmatchcase(n, kp) for kp, _ in keep) for n in matched):
+            aimed.append(pattern)
+    return aimed
 
 
 def build_module(entry: PlanEntry, stats=None) -> nn.Module:

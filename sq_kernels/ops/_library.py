@@ -44,8 +44,8 @@ class _NoBackward(torch.autograd.Function):
         ctx.float_inputs = [(tuple(t.shape), t.dtype) if isinstance(t, torch.Tensor) and t.is_floating_point()
                             else None for t in args]
         outs = overload(*args)
-        ctx.mark_non_differentiable(*[t for t in (outs if isinstance(outs, tuple) else (outs,))
-                                      if not t.is_floating_point()])
+        outs = outs if isinstance(outs, tuple) else (outs,)  # a tuple always: Dynamo needs one here
+        ctx.mark_non_differentiable(*[t for t in outs if not t.is_floating_point()])
         return outs
 
     @staticmethod
@@ -94,7 +94,8 @@ class _InferenceOp:
 
     def __call__(self, *args):
         if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
-            return _NoBackward.apply(self.name, self.overload, *args)
+            outs = _NoBackward.apply(self.name, self.overload, *args)
+            return outs[0] if len(outs) == 1 else outs
         return self.overload(*args)
 
 

@@ -87,7 +87,7 @@ def check_bmm_operands(name: str, a, b, a_name: str = "a", b_name: str = "b",
         # Dynamo cannot trace storage_offset(); the fake implementation and the C++ entry point check it.
         if not torch.compiler.is_compiling() and t.storage_offset() % ALIGN:
             _fail(f"{name}: {arg} starts {t.storage_offset()} bytes into its storage; the kernels need 16-byte "
-                  "aligned data (call .contiguous())")
+                  "aligned data (pass a copy: .clone())")
 
 
 def check_scalar(name: str, arg: str, t, device) -> None:
@@ -164,7 +164,7 @@ def _flatten(name: str, arg: str, t, shape: str):
     """``[..., R, C]`` -> ``[batch, R, C]`` (a view when the strides allow it, else a copy)."""
     if not isinstance(t, torch.Tensor) or t.dim() < 2:
         _fail(f"{name}: {arg} must be a tensor of shape {shape}, got {_desc(t)}")
-    return t.reshape(-1, t.shape[-2], t.shape[-1]) if t.dim() != 3 else t
+    return t.reshape(math.prod(t.shape[:-2]), t.shape[-2], t.shape[-1]) if t.dim() != 3 else t
 
 
 def _check_lead(name: str, a_name: str, a, b_name: str, b) -> None:
@@ -259,7 +259,7 @@ def _kernel_ready(t: torch.Tensor) -> torch.Tensor:
     rows_ok = t.shape[-2] <= 1 or (t.stride(-2) % ALIGN == 0 and t.stride(-2) >= t.shape[-1])  # no overlap
     ok = t.numel() == 0 or (t.stride(-1) == 1 and rows_ok and (t.shape[0] <= 1 or t.stride(0) % ALIGN == 0)
                             and t.storage_offset() % ALIGN == 0)
-    return t if ok else t.contiguous()
+    return t if ok else t.clone(memory_format=torch.contiguous_format)
 
 
 def int8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_scale: torch.Tensor | None = None,
@@ -339,9 +339,10 @@ def int8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_scale: t
         _fail(f"{name}: p_quant must be one of {P_QUANT_MODES}, got {p_quant!r}")
 
     lead = q_q.shape[:-2]
-    q3 = q_q.reshape(-1, sq, d)
-    k3 = k_q.reshape(-1, sk, d)
-    v_t = v_q.reshape(-1, d, sk) if v_transposed else v_q.reshape(-1, sk, d).transpose(1, 2)
+    nb = math.prod(lead)
+    q3 = q_q.reshape(nb, sq, d)
+    k3 = k_q.reshape(nb, sk, d)
+    v_t = v_q.reshape(nb, d, sk) if v_transposed else v_q.reshape(nb, sk, d).transpose(1, 2)
     pad = -sk % ALIGN
     if pad:
         k3 = torch.nn.functional.pad(k3, (0, 0, 0, pad))

@@ -18,6 +18,8 @@ Inputs are fp16, bf16 or fp32 ``[M, H]`` with a contiguous last dimension (any r
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ._library import define, op
@@ -142,8 +144,9 @@ def as_rows(name: str, x, arg: str = "x"):
     if not isinstance(x, torch.Tensor) or x.dim() < 1:
         _fail(f"{name}: {arg} must be a tensor of shape [..., H], got {getattr(x, 'shape', type(x).__name__)}")
     if x.numel() and x.stride(-1) != 1:
-        x = x.contiguous()
-    return x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
+        # contiguous() keeps a size-1 last dim's stride (PyTorch ignores it); clone() here does not
+        x = x.clone(memory_format=torch.contiguous_format)
+    return x.reshape(math.prod(x.shape[:-1]), x.shape[-1]) if x.dim() != 2 else x
 
 
 def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

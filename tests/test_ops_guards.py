@@ -57,3 +57,17 @@ def test_operands_at_an_odd_offset_are_copied_or_refused_with_advice_that_works(
     with pytest.raises(ValueError, match=r"q starts 1 bytes into its storage.*\.clone\(\)"):
         ops.bmm_qk(q, k, s)
     assert ops.bmm_qk(q.clone(), k, s).shape == (1, 2, 8, 16)
+
+
+def test_arguments_that_are_not_tensors_are_value_errors_naming_them():
+    x, w = torch.randn(4, 32), torch.ones(32)
+    cases = [(lambda: ops.quantize_per_tensor(x, 0.1), "quantize_per_tensor: scale must be a tensor"),
+             (lambda: ops.relu_quant(x, 0.1), "relu_quant: scale must be a tensor"),
+             (lambda: ops.gelu_quant(x, scale=0.1), "gelu_quant: scale must be a tensor"),
+             (lambda: ops.silu_mul_quant(x, [1.0] * 32), "silu_mul_quant: up must be a tensor"),
+             (lambda: ops.rms_norm_quant(x, w, scale=0.1), "rms_norm_quant: scale must be a tensor"),
+             (lambda: ops.rms_norm_quant(x, None), r"rms_norm_quant: weight must be a tensor, got NoneType"),
+             (lambda: ops.layer_norm_quant(x, w, [0.0] * 32), "layer_norm_quant: bias must be a tensor")]
+    for call, message in cases:
+        with pytest.raises(ValueError, match=message):
+            call()

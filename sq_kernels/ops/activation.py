@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from ._library import define, op
-from .quant import as_rows, check_input, check_optional_scale, quantize_reference
+from .quant import as_rows, check_input, check_optional_scale, quantize_reference, require_tensors
 
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh")
 
@@ -113,6 +113,7 @@ def relu_quant(x: torch.Tensor, scale: torch.Tensor | None = None) -> tuple[torc
     Returns:
         ``x_q`` int8 ``[..., H]`` and ``x_scale`` float32: ``[...]`` per token, or ``[1]`` (static).
     """
+    require_tensors("relu_quant", scale=scale)
     x2 = as_rows("relu_quant", x)
     return _reshape_out(*op("act_quant")(x2, "relu", scale), x.shape, scale)
 
@@ -130,6 +131,7 @@ def gelu_quant(x: torch.Tensor, approximate: str = "none",
     """
     if approximate not in ("none", "tanh"):
         _fail(f"gelu_quant: approximate must be 'none' or 'tanh', got {approximate!r}")
+    require_tensors("gelu_quant", scale=scale)
     x2 = as_rows("gelu_quant", x)
     act = "gelu" if approximate == "none" else "gelu_tanh"
     return _reshape_out(*op("act_quant")(x2, act, scale), x.shape, scale)
@@ -147,6 +149,7 @@ def silu_mul_quant(gate: torch.Tensor, up: torch.Tensor | None = None,
     Returns:
         ``x_q`` int8 ``[..., I]`` and ``x_scale`` float32: ``[...]`` per token, or ``[1]`` (static).
     """
+    require_tensors("silu_mul_quant", up=up, scale=scale)
     if up is None:
         if not isinstance(gate, torch.Tensor) or gate.dim() < 1 or gate.shape[-1] % 2:
             _fail("silu_mul_quant: with up=None, gate must be [..., 2 * I] (gate and up concatenated), got "

@@ -31,7 +31,7 @@ import math
 import torch
 
 from ._library import define, op
-from .quant import as_rows, check_input, check_optional_scale, quantize_reference, true_div
+from .quant import as_rows, check_input, check_optional_scale, quantize_reference, require_tensors, true_div
 
 
 def _fail(msg: str):
@@ -198,6 +198,7 @@ def rms_norm_quant(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, res
         ``(x_q, x_scale)`` or, with a residual, ``(x_q, x_scale, residual_out)``: ``x_q`` int8 ``[..., H]``,
         ``x_scale`` float32 ``[...]`` per token or ``[1]`` (static), ``residual_out`` ``[..., H]`` = x + residual.
     """
+    require_tensors("rms_norm_quant", ("weight",), weight=weight, residual=residual, scale=scale)
     return _run("rms_norm_quant", x, residual, (weight, _eps("rms_norm_quant", eps)), scale)
 
 
@@ -215,4 +216,5 @@ def layer_norm_quant(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     Returns:
         ``(x_q, x_scale)`` or, with a residual, ``(x_q, x_scale, residual_out)``, as for :func:`rms_norm_quant`.
     """
+    require_tensors("layer_norm_quant", ("weight",), weight=weight, bias=bias, residual=residual, scale=scale)
     return _run("layer_norm_quant", x, residual, (weight, bias, _eps("layer_norm_quant", eps)), scale)

@@ -43,6 +43,16 @@ def check_input(name: str, x, arg: str = "x") -> None:
         _fail(f"{name}: {arg} must have a contiguous last dimension (stride(1) == 1), got strides {x.stride()}")
 
 
+def require_tensors(name: str, required: tuple[str, ...] = (), **args) -> None:
+    """A ValueError naming the argument, before dispatch, for a wrapper argument that is not a tensor
+    (``scale=0.1``, a list as a bias; None only where optional, i.e. not in ``required``): the
+    dispatcher's own error would be a RuntimeError."""
+    for arg, value in args.items():
+        if (value is not None or arg in required) and not isinstance(value, torch.Tensor):
+            _fail(f"{name}: {arg} must be a tensor{'' if arg in required else ' (or None)'}, got {type(value).__name__} {value!r:.60}"
+                  + (" (a static scale is a 1-element float32 tensor on x's device)" if arg == "scale" else ""))
+
+
 def check_optional_scale(name: str, scale, device) -> None:
     """``scale`` is None (dynamic per-token) or a 1-element float32 tensor on ``device`` (static)."""
     if scale is not None:
@@ -168,12 +178,14 @@ def quantize_per_tensor(x: torch.Tensor, scale: torch.Tensor | None = None) -> t
         x: fp16/bf16/fp32 ``[..., H]``.
         scale: optional float32 1-element static scale (from calibration).
     Returns:
-        ``x_q`` int8 ``[..., H]`` and the float32 ``[1]`` scale used.
+        ``x_q`` int8 ``[..., H]`` and the float32 ``[1]`` scale used (a static ``scale`` is returned as a
+        ``[1]`` view of the given tensor, not a copy).
     """
+    require_tensors("quantize_per_tensor", scale=scale)
     x2 = as_rows("quantize_per_tensor", x)
     if scale is None:
         x_q, scale = op("quantize_per_tensor_dynamic")(x2)
     else:
         x_q = op("quantize_static")(x2, scale)
-        scale = scale.reshape(1)
+        scale = scale.reshape(1)  # a view of the caller's tensor: no copy (a kernel launch) per call
     return x_q.reshape(x.shape), scale

@@ -116,12 +116,16 @@ class ActStats:
         """float32 ``[E]``: each expert's ``down_proj`` input maximum (static scales of fused experts)."""
         return self[name + DOWN_SUFFIX].amax(dim=-1)
 
-    def scaled(self, divisors: dict[str, torch.Tensor]) -> "ActStats":
-        """The statistics after smoothing: ``absmax[name] / s`` for each ``name`` in ``divisors``."""
+    def scaled(self, divisors: dict[str, torch.Tensor], smoothing_id: str | None = None) -> "ActStats":
+        """The statistics after smoothing: ``absmax[name] / s`` for each ``name`` in ``divisors``;
+        ``smoothing_id``: the smoothing they describe (``smoothing_id(model)`` after it)."""
         out = dict(self.absmax)
         for name, s in divisors.items():
             out[name] = self[name] / s.detach().to(device="cpu", dtype=torch.float32)
-        return ActStats(out, self.tokens, {**self.meta, "smoothed": True})
+        meta = {**self.meta, "smoothed": True}
+        if smoothing_id is not None:
+            meta["smoothing_id"] = smoothing_id
+        return ActStats(out, self.tokens, meta)
 
     def save(self, path) -> None:
         """Write a safetensors file (tensors + metadata: format, version, token counts, meta)."""
@@ -136,7 +140,8 @@ class ActStats:
         from safetensors import safe_open
         path = Path(path)
         if not path.is_file():
-            raise ValueError(f"statistics file {str(path)!r} does not exist")
+            raise ValueError(f"statistics file {str(path)!r} " + ("is a directory, not a file" if path.is_dir()
+                                                                  else "does not exist"))
         try:
             with safe_open(str(path), framework="pt") as f:
                 metadata = f.metadata() or {}
@@ -153,6 +158,10 @@ class ActStats:
             tokens, meta = json.loads(metadata.get("tokens", "{}")), json.loads(metadata.get("meta", "{}"))
         except json.JSONDecodeError as exc:
             raise ValueError(f"{str(path)!r}: corrupt metadata ({exc})") from None
+        if not isinstance(meta, dict) or not isinstance(tokens, dict) or not all(
+                isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in tokens.values()):
+            raise ValueError(f"{str(path)!r}: corrupt metadata (expected a JSON object for 'meta' and one of token "
+                             f"counts >= 0 for 'tokens', got {type(meta).__name__} and {str(tokens)[:80]})")
         return cls(tensors, tokens, meta)
 
     def __repr__(self) -> str:
@@ -880,6 +889,8 @@ def collect_act_stats(model, data, tokenizer=None, *, num_samples: int = 128, se
             "model_class": type(model).__name__, "num_batches": len(batches),
             "num_samples": sum(b.shape[0] for b in batches), "num_tokens": sum(b.numel() for b in batches),
             "seq_len": max((int(b.shape[-1]) for b in batches), default=0), "smoothed": is_smoothed(model)}
+    if smoothing_id(model) is not None:
+        meta["smoothing_id"] = smoothing_id(model)
     never = sorted(set(targets) - set(absmax))
     if never:
         meta["never_called"] = never
@@ -910,13 +921,20 @@ def _layerwise_runner(model, batches, device, family, what: str):
 
 def check_stats_source(model, stats: "ActStats", what: str) -> None:
     """Warn when ``stats`` were collected on a model of another type than ``model`` (their shapes may still
-    fit, e.g. Llama statistics on a Qwen2 model of the same size, and give silently poor scales)."""
+    fit, e.g. Llama statistics on a Qwen2 model of the same size, and give silently poor scales), or hold
+    modules ``model`` does not have (statistics of a deeper model: its first layers fit this one's shapes)."""
     recorded = stats.meta.get("model_type") if isinstance(getattr(stats, "meta", None), dict) else None
     actual = getattr(getattr(model, "config", None), "model_type", None)
     if recorded and actual and recorded != actual:
         warnings.warn(f"{what}: the statistics were collected on a {recorded!r} model and this is a {actual!r} "
                       f"model; statistics belong to the model they were collected on (collect them again)",
                       UserWarning, stacklevel=3)
+    modules = {name for name, _ in model.named_modules()}
+    foreign = [n for n in stats.names() if n.split(DOWN_SUFFIX)[0] not in modules]
+    if foreign:
+        warnings.warn(f"{what}: the statistics hold {len(foreign)} module(s) this model does not have (e.g. "
+                      f"{foreign[:3]}): they were collected on another model; statistics belong to the model they "
+                      f"were collected on (collect them again)", UserWarning, stacklevel=3)
 
 
 def check_in_memory(model, what: str) -> None:
@@ -927,6 +945,16 @@ def check_in_memory(model, what: str) -> None:
         raise ValueError(f"{what}: {len(on_meta)} weights of the model are on the meta device (e.g. {on_meta[0]!r}): "
                          f"it was loaded with offloading (device_map=... with 'disk' or 'cpu' offload). Load it "
                          f"entirely onto one device (device_map=None, or a single GPU) to smooth and quantize it")
+
+
+def smoothing_id(model) -> str | None:
+    """The identity of the last smoothing ``smooth_`` gave ``model`` (recorded in its config, so it survives
+    ``save_pretrained`` / ``from_pretrained``), or None."""
+    recorded = getattr(getattr(model, "config", None), "sq_smoothed", None)
+    if not isinstance(recorded, dict):
+        recorded = getattr(model, "sq_smoothing", None)
+    value = recorded.get("id") if isinstance(recorded, dict) else None
+    return value if isinstance(value, str) else None
 
 
 def is_smoothed(model) -> bool:
@@ -951,3 +979,9 @@ def check_stats_match_smoothing(model, stats, what: str) -> None:
     if not smoothed and recorded is True:
         raise ValueError(f"{what}: these statistics describe a smoothed model (a SmoothReport's .stats, or collected "
                          f"after smoothing), and this model has not been smoothed: collect statistics on this model")
+    stats_id, model_id = stats.meta.get("smoothing_id"), smoothing_id(model)
+    if smoothed and recorded is True and stats_id and model_id and stats_id != model_id:
+        raise ValueError(f"{what}: these statistics describe another smoothing (smoothing {stats_id}) than the one "
+                         f"this model has had (smoothing {model_id}): another copy of the model, or this one before "
+                         f"it was smoothed again. Their channels are scaled differently; use the .stats of the "
+                         f"SmoothReport that smoothed this model, or collect statistics on it")

@@ -259,7 +259,7 @@ def _check_quantize_args(args, config) -> None:
     if args.text_field is not None and not args.text_field.strip():
         raise ValueError("--text-field must name a JSON key, got an empty string")
     if args.data is None and args.stats is None:
-        raise ValueError("--data is required (calibration text: a local .txt or .jsonl file), unless --stats gives "
+        raise ValueError("--data is required (calibration text: a local .txt, .jsonl or .json file), unless --stats gives "
                          "statistics collected before")
     if args.stats and args.save_stats:
         raise ValueError("--save-stats writes the statistics of this run's calibration, and with --stats there is "
@@ -631,7 +631,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def common(p, data_required: bool):
         p.add_argument("--data", required=data_required,
-                       help="calibration data: a local .txt or .jsonl ({'text': ...} per line) file"
+                       help="calibration data: a local .txt, .jsonl ({'text': ...} per line) or .json file"
                             + ("" if data_required else "; not needed with --stats (unless --alpha auto)"))
         p.add_argument("--text-field", help=TEXT_FIELD_HELP)
         p.add_argument("--tokenizer", help="tokenizer directory (default: the model directory)")

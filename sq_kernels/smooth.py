@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import uuid
 import warnings
 from dataclasses import dataclass, field
 
@@ -210,6 +211,39 @@ def fold_(layer: nn.Module, plan: GroupPlan, s: torch.Tensor) -> None:
         t.copy_((t.to(torch.float32) * s.to(t.device)).to(t.dtype))
 
 
+@torch.no_grad()
+def _check_fold_fits(layer: nn.Module, plan: GroupPlan, s: torch.Tensor, alpha) -> None:
+    """What ``fold_`` would write stays finite in each tensor's dtype: a near-dead activation channel (max |x|
+    tiny) with a large alpha gives s down to ``S_MIN``, and a float16 norm weight divided by it overflows
+    (inf, then NaN logits). Refused before anything is folded, naming the group and the channel."""
+    source = get_submodule(layer, plan.source)
+    checks = []  # (what, per-channel |value| after folding, dtype)
+    w = source.weight
+    if plan.kind == "linear":
+        checks.append(("weight", w.detach().abs().to(torch.float32).amax(dim=1) / s.to(w.device), w.dtype))  # rows
+    else:
+        offset = plan.weight_offset
+        checks.append(("weight", ((w.detach().to(torch.float32) + offset) / s.to(w.device) - offset).abs(), w.dtype))
+    bias = getattr(source, "bias", None)
+    if isinstance(bias, torch.Tensor):
+        checks.append(("bias", bias.detach().abs().to(torch.float32) / s.to(bias.device), bias.dtype))
+    for target in plan.targets:
+        t = input_weight(get_submodule(layer, target), target)
+        checks.append((f"{target} weight", plan.w.to(t.device, torch.float32) * s.to(t.device), t.dtype))
+    for what, values, dtype in checks:
+        if not dtype.is_floating_point:
+            continue
+        limit = torch.finfo(dtype).max
+        over = (~torch.isfinite(values)) | (values > limit)
+        if over.any():
+            j = int(over.nonzero()[0, 0])
+            raise ValueError(f"{plan.full(plan.source)}: smoothing with alpha={alpha} would take the {what} of channel "
+                             f"{j} to {float(values[j]):.3g}, "
+                             f"beyond {dtype}'s range (max {limit:.3g}); its activation maximum is "
+                             f"{float(plan.act[j]):.3g} (s = {float(s[j]):.3g}). Use a smaller alpha, or smooth the "
+                             f"model in float32 or bfloat16 and cast it afterwards")
+
+
 def _resolve_alpha(config: SmoothQuantConfig, spec: FamilySpec):
     alpha = config.alpha
     if alpha is None:
@@ -263,6 +297,8 @@ def smooth_(model, stats: ActStats, config: SmoothQuantConfig | None = None, dat
             raise ValueError(f"{p.full(p.source)}: smoothing scales are not finite and positive")
         scales.append(s)
     layers = dict(decoder_layers(model, spec))
+    for p, s in zip(plans, scales):  # every group is checked before any is folded
+        _check_fold_fits(layers[p.layer], p, s, alphas[p.layer])
     done = 0
     try:
         for p, s in zip(plans, scales):
@@ -285,11 +321,12 @@ def smooth_(model, stats: ActStats, config: SmoothQuantConfig | None = None, dat
             key = f"{key} -> {', '.join(p.targets)}"
         vectors[key] = {"act": p.act.detach().cpu(), "weight": p.w.detach().cpu(), "scale": s.detach().cpu(),
                         "alpha": alphas[p.layer], "targets": [p.full(t) for t in p.targets]}
-    report = SmoothReport(spec.name, alphas, groups, stats.scaled(divisors), search, skipped, vectors)
+    sid = uuid.uuid4().hex[:16]  # this smoothing: its statistics fit no other (another copy, a later smoothing)
+    report = SmoothReport(spec.name, alphas, groups, stats.scaled(divisors, sid), search, skipped, vectors)
     try:
-        model.sq_smoothing = report.to_dict()
+        model.sq_smoothing = {**report.to_dict(), "id": sid}
         if getattr(model, "config", None) is not None:  # written by save_pretrained: survives a reload
-            model.config.sq_smoothed = {"family": spec.name, "alphas": dict(alphas)}
+            model.config.sq_smoothed = {"family": spec.name, "alphas": dict(alphas), "id": sid}
     except AttributeError:
         pass
     return report

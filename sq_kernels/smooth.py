@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import copy
 import json
+import hashlib
 import math
-import uuid
 import warnings
 from dataclasses import dataclass, field
 
@@ -30,7 +30,7 @@ from torch import nn
 
 from .calibration import (ActStats, _layerwise_runner, calibration_batches, check_in_memory,
                           check_stats_match_smoothing, check_stats_source, check_token_ids, eval_mode, is_smoothed,
-                          model_device, run_model)
+                          model_device, run_model, smoothing_id)
 from .config import SmoothQuantConfig, alpha_key, as_config, check_alpha
 from .families import FamilySpec, decoder_layers, family_of, get_submodule, is_user_table
 from .layerwise import LayerwiseRun, hidden_out
@@ -211,6 +211,17 @@ def fold_(layer: nn.Module, plan: GroupPlan, s: torch.Tensor) -> None:
         t.copy_((t.to(torch.float32) * s.to(t.device)).to(t.dtype))
 
 
+def _smoothing_digest(model, plans, scales) -> str:
+    """The identity of a smoothing: a digest of the smoothing before it (if any), and of every group's name
+    and scale vector. Two copies smoothed alike share it (their statistics are the same); another alpha,
+    other statistics or a second smoothing give another."""
+    h = hashlib.sha256((smoothing_id(model) or "").encode())
+    for p, s in zip(plans, scales):
+        h.update(p.full(p.source).encode())
+        h.update(s.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 @torch.no_grad()
 def _check_fold_fits(layer: nn.Module, plan: GroupPlan, s: torch.Tensor, alpha) -> None:
     """What ``fold_`` would write stays finite in each tensor's dtype: a near-dead activation channel (max |x|
@@ -321,7 +332,7 @@ def smooth_(model, stats: ActStats, config: SmoothQuantConfig | None = None, dat
             key = f"{key} -> {', '.join(p.targets)}"
         vectors[key] = {"act": p.act.detach().cpu(), "weight": p.w.detach().cpu(), "scale": s.detach().cpu(),
                         "alpha": alphas[p.layer], "targets": [p.full(t) for t in p.targets]}
-    sid = uuid.uuid4().hex[:16]  # this smoothing: its statistics fit no other (another copy, a later smoothing)
+    sid = _smoothing_digest(model, plans, scales)  # this smoothing: its statistics fit no other
     report = SmoothReport(spec.name, alphas, groups, stats.scaled(divisors, sid), search, skipped, vectors)
     try:
         model.sq_smoothing = {**report.to_dict(), "id": sid}

@@ -27,6 +27,9 @@ def test_statistics_of_another_smoothing_are_refused(tmp_path):
     report_a = sq.smooth_(a, stats, _cfg(alpha=0.0))
     report_b = sq.smooth_(b, stats, _cfg(alpha=1.0))
     assert smoothing_id(a) and smoothing_id(a) != smoothing_id(b)
+    twin = copy.deepcopy(model)
+    sq.smooth_(twin, stats, _cfg(alpha=0.0))
+    assert smoothing_id(twin) == smoothing_id(a)  # smoothed alike: the same statistics fit both (a digest)
     assert report_a.stats.meta["smoothing_id"] == smoothing_id(a)
     with pytest.raises(ValueError, match="describe another smoothing"):
         sq.quantize_(a, _cfg(scheme="O3"), stats=report_b.stats)

@@ -841,44 +841,42 @@ def collect_act_stats(model, data, tokenizer=None, *, num_samples: int = 128, se
                 obs.update(x)
         return hook
 
-    modes = contextlib.ExitStack()
-    modes.enter_context(eval_mode(model))
-    try:
-        if runner is not None:  # the layers' calls are recorded before any observer is attached
-            runner.__enter__()
-            runner.record()
-        for name, module in targets.items():
-            obs = observers[name] = RunningAbsMax()
-            if fused_experts_problem(module) is None:
-                e, two_i, _ = module.gate_up_proj.shape
-                down = down_observers[name] = ExpertDownAbsMax(e, two_i // 2, module.gate_up_proj.device)
+    with eval_mode(model):
+        try:
+            if runner is not None:  # the layers' calls are recorded before any observer is attached
+                runner.__enter__()
+                runner.record()
+            for name, module in targets.items():
+                obs = observers[name] = RunningAbsMax()
+                if fused_experts_problem(module) is None:
+                    e, two_i, _ = module.gate_up_proj.shape
+                    down = down_observers[name] = ExpertDownAbsMax(e, two_i // 2, module.gate_up_proj.device)
 
-                def forward(hidden_states, top_k_index, top_k_weights, _m=module, _obs=obs, _down=down):
-                    _obs.update(hidden_states)
-                    return experts_forward_float(_m, hidden_states, top_k_index, top_k_weights, _down.update)
-                patched.append((module, module.__dict__.get("forward")))  # e.g. an accelerate hook's: restored
-                module.forward = forward  # instance attribute: shadows the class forward during calibration
+                    def forward(hidden_states, top_k_index, top_k_weights, _m=module, _obs=obs, _down=down):
+                        _obs.update(hidden_states)
+                        return experts_forward_float(_m, hidden_states, top_k_index, top_k_weights, _down.update)
+                    patched.append((module, module.__dict__.get("forward")))  # e.g. an accelerate hook's: restored
+                    module.forward = forward  # instance attribute: shadows the class forward during calibration
+                else:
+                    handles.append(module.register_forward_pre_hook(make_hook(obs), with_kwargs=True))
+            if runner is None:
+                for batch in _progress(batches, progress, desc="calibrating", unit="batch"):
+                    run_model(model, batch.to(device))
             else:
-                handles.append(module.register_forward_pre_hook(make_hook(obs), with_kwargs=True))
-        if runner is None:
-            for batch in _progress(batches, progress, desc="calibrating", unit="batch"):
-                run_model(model, batch.to(device))
-        else:
-            final = runner.walk(progress=progress, desc=f"calibrating layer by layer on {device}")
-            inside = tuple(f"{name}." for name, _ in runner.layers)
-            if any(not name.startswith(inside) for name in targets):  # e.g. lm_head
-                runner.tail(final)
-    finally:
-        for h in handles:
-            h.remove()
-        for module, forward in patched:
-            if forward is None:
-                module.__dict__.pop("forward", None)
-            else:
-                module.forward = forward
-        if runner is not None:
-            runner.__exit__()
-        modes.close()
+                final = runner.walk(progress=progress, desc=f"calibrating layer by layer on {device}")
+                inside = tuple(f"{name}." for name, _ in runner.layers)
+                if any(not name.startswith(inside) for name in targets):  # e.g. lm_head
+                    runner.tail(final)
+        finally:
+            for h in handles:
+                h.remove()
+            for module, forward in patched:
+                if forward is None:
+                    module.__dict__.pop("forward", None)
+                else:
+                    module.forward = forward
+            if runner is not None:
+                runner.__exit__()
     absmax, tokens = {}, {}
     for name, obs in observers.items():
         if obs.amax is not None:
@@ -889,8 +887,9 @@ def collect_act_stats(model, data, tokenizer=None, *, num_samples: int = 128, se
             "model_class": type(model).__name__, "num_batches": len(batches),
             "num_samples": sum(b.shape[0] for b in batches), "num_tokens": sum(b.numel() for b in batches),
             "seq_len": max((int(b.shape[-1]) for b in batches), default=0), "smoothed": is_smoothed(model)}
-    if smoothing_id(model) is not None:
-        meta["smoothing_id"] = smoothing_id(model)
+    sid = smoothing_id(model)
+    if sid is not None:
+        meta["smoothing_id"] = sid
     never = sorted(set(targets) - set(absmax))
     if never:
         meta["never_called"] = never

@@ -36,7 +36,7 @@ from torch import nn
 
 from .config import ACTIVATION_SCHEMES, WEIGHT_GRANULARITIES
 from .nn import W8A8Experts, W8A8Linear
-from .nn._quant import FLOAT_DTYPES, KeepFloat32Buffers, install_sharing_scopes
+from .nn._quant import FLOAT_DTYPES, KeepBufferDtypes, install_sharing_scopes
 
 FORMAT = "sq_kernels.w8a8"
 FORMAT_VERSION = 2  # the newest this release reads and writes; 1: one weights file, 2: shards
@@ -643,7 +643,7 @@ def check_float_dtype(dtype, what: str = "dtype"):
 
 def _kept_float32(model: nn.Module) -> set[str]:
     """The W8A8 modules' scale and bias buffers, which stay float32 whatever the model's dtype."""
-    return {f"{name}.{b}" if name else b for name, m in model.named_modules() if isinstance(m, KeepFloat32Buffers)
+    return {f"{name}.{b}" if name else b for name, m in model.named_modules() if isinstance(m, KeepBufferDtypes)
             for b in m.FLOAT32_BUFFERS}
 
 

@@ -259,8 +259,8 @@ def _check_quantize_args(args, config) -> None:
     if args.text_field is not None and not args.text_field.strip():
         raise ValueError("--text-field must name a JSON key, got an empty string")
     if args.data is None and args.stats is None:
-        raise ValueError("--data is required (calibration text: a local .txt, .jsonl or .json file), unless --stats gives "
-                         "statistics collected before")
+        raise ValueError("--data is required (calibration text: a local .txt, .jsonl or .json file), unless --stats "
+                         "gives statistics collected before")
     if args.stats and args.save_stats:
         raise ValueError("--save-stats writes the statistics of this run's calibration, and with --stats there is "
                          "none: drop one of them")

@@ -261,7 +261,7 @@ def check_input(name: str, x, in_features: int) -> None:
         raise ValueError(f"{name}: input must have shape [..., {in_features}], got {tuple(x.shape)}")
 
 
-class KeepFloat32Buffers:
+class KeepBufferDtypes:
     """Mixin of the W8A8 modules, which keep their dtypes whatever is done to the model:
 
     - ``model.half()`` / ``.to(dtype)`` / ``.type(dtype)`` move the buffers to the new device but keep the

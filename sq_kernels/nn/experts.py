@@ -21,7 +21,7 @@ from torch import nn
 
 from ..config import ACTIVATION_SCHEMES, WEIGHT_GRANULARITIES
 from ..ops._library import no_backward_through
-from ._quant import (ALIGN, KeepFloat32Buffers, check_input, int8_linear, quantize_activation, quantize_weight,
+from ._quant import (ALIGN, KeepBufferDtypes, check_input, int8_linear, quantize_activation, quantize_weight,
                      static_scale)
 
 
@@ -99,7 +99,7 @@ def _static_amaxes(input_amax, down_input_amax, num_experts: int, name: str):
     return amax, down
 
 
-class W8A8Experts(KeepFloat32Buffers, nn.Module):
+class W8A8Experts(KeepBufferDtypes, nn.Module):
     """INT8 fused MoE experts (see the module docstring for the layout)."""
     FLOAT32_BUFFERS = ("gate_up_proj_scale", "down_proj_scale", "gate_up_input_scale", "down_input_scale")
     INT8_BUFFERS = ("gate_up_proj", "down_proj")

@@ -20,7 +20,7 @@ from torch import nn
 
 from ..config import ACTIVATION_SCHEMES, WEIGHT_GRANULARITIES
 from ..ops._library import no_backward_through
-from ._quant import (ALIGN, KeepFloat32Buffers, check_finite, check_input, int8_linear, quantize_activation_shared,
+from ._quant import (ALIGN, KeepBufferDtypes, check_finite, check_input, int8_linear, quantize_activation_shared,
                      quantize_weight, static_scale)
 
 
@@ -59,7 +59,7 @@ def linear_forward_problem(linear: nn.Linear) -> str | None:
             f"would not reproduce")
 
 
-class W8A8Linear(KeepFloat32Buffers, nn.Module):
+class W8A8Linear(KeepBufferDtypes, nn.Module):
     """INT8-weight, INT8-activation linear layer: ``y = x W^T + b`` on INT8 tensor cores.
 
     Args:

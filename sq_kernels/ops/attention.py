@@ -117,11 +117,6 @@ def check_out(name: str, out_dtype, out_scale, device, allowed=SCALED_OUT_DTYPES
         _fail(f"{name}: out_scale is only meaningful with out_dtype=torch.int8, got out_dtype={out_dtype}")
 
 
-def int_bmm_reference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Exact ``a [batch,M,K] @ b[batch,N,K]^T`` in int32 on any device (``gemm.int_matmul_reference``)."""
-    return int_matmul_reference(a, b)
-
-
 def finish_reference(acc: torch.Tensor, alpha: torch.Tensor, out_dtype: torch.dtype,
                      out_scale: torch.Tensor | None) -> torch.Tensor:
     """The kernels' epilogue on int32 ``acc``: ``alpha * float(acc)`` then the output conversion."""
@@ -135,7 +130,7 @@ def finish_reference(acc: torch.Tensor, alpha: torch.Tensor, out_dtype: torch.dt
 
 def _int8_bmm_reference(a, b):
     check_bmm_operands("int8_bmm", a, b)
-    return int_bmm_reference(a, b)
+    return int_matmul_reference(a, b)
 
 
 def _int8_bmm_fake(a, b):
@@ -146,7 +141,7 @@ def _int8_bmm_fake(a, b):
 def _scaled_bmm_reference(a, b, alpha, out_dtype, out_scale):
     check_bmm_operands("scaled_bmm", a, b)
     check_scaled("scaled_bmm", alpha, out_dtype, out_scale, a.device)
-    return finish_reference(int_bmm_reference(a, b), alpha, out_dtype, out_scale)
+    return finish_reference(int_matmul_reference(a, b), alpha, out_dtype, out_scale)
 
 
 def _scaled_bmm_fake(a, b, alpha, out_dtype, out_scale):

@@ -49,8 +49,9 @@ def require_tensors(name: str, required: tuple[str, ...] = (), **args) -> None:
     dispatcher's own error would be a RuntimeError."""
     for arg, value in args.items():
         if (value is not None or arg in required) and not isinstance(value, torch.Tensor):
-            _fail(f"{name}: {arg} must be a tensor{'' if arg in required else ' (or None)'}, got {type(value).__name__} {value!r:.60}"
-                  + (" (a static scale is a 1-element float32 tensor on x's device)" if arg == "scale" else ""))
+            optional = "" if arg in required else " (or None)"
+            hint = " (a static scale is a 1-element float32 tensor on x's device)" if arg == "scale" else ""
+            _fail(f"{name}: {arg} must be a tensor{optional}, got {type(value).__name__} {value!r:.60}{hint}")
 
 
 def check_optional_scale(name: str, scale, device) -> None:
